@@ -1,0 +1,44 @@
+# The two commands a new user needs: `make demo` (the main job on the shapes world) and `make test`.
+# Both create .venv and install the project themselves.
+#
+# torch: this machine's CPU build is installed first (TORCH=torch==2.13.0, found on local disk), so the
+# unpinned `torch>=2.4` in pyproject.toml is already satisfied and no multi-GB CUDA build is pulled.
+# GPU users:  make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" demo
+# (or install any torch into .venv first: an importable torch is kept as it is).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --progress-bar off $(TORCH)
+	$(BIN)/pip install --progress-bar off -e ".[dev]"
+	touch $@
+
+venv: $(STAMP)
+
+DEMO := runs/demo
+
+demo: $(STAMP)
+	$(BIN)/python -m data.build
+	$(BIN)/python -m tokenizer.train run_dir=$(DEMO)/tokenizer resume=auto experiment=demo
+	$(BIN)/python -m tokenizer.evaluate tokenizer_dir=$(DEMO)/tokenizer/tokenizer run_dir=$(DEMO)/tokenizer split=test
+	$(BIN)/python -m tokenizer.evaluate tokenizer_dir=$(DEMO)/tokenizer/tokenizer run_dir=$(DEMO)/tokenizer split=holdout
+	$(BIN)/python -m tokenizer.pretokenize tokenizer_dir=$(DEMO)/tokenizer/tokenizer out=$(DEMO)/codes
+	$(BIN)/python -m data.stats 'artifacts/shapes/{train,val,test,holdout}'
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs artifacts
