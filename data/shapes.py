@@ -1,0 +1,364 @@
+"""The shapes world: seeded procedural scenes with exact ground truth.
+
+A scene is a plain background holding 1-6 objects (shape, colour, size) on a 3x3 grid of
+nameable cells, and optionally one rendered word or digit in a cell of its own. Everything a
+caption, a question or a judge needs is derived from the `Scene` dataclass, so the answer key
+always matches the picture: the renderer draws exactly what the scene says, without
+anti-aliasing, in exact palette colours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+from PIL import Image, ImageDraw, ImageFont
+
+# Palette chosen for large pairwise RGB distances, so colour segmentation is unambiguous.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "purple": (150, 40, 200),
+    "orange": (250, 130, 20),
+}
+SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "diamond", "cross")
+SIZES: tuple[str, ...] = ("small", "large")
+# Backgrounds and ink stay outside the object palette, so a judge can ignore them.
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "grey": (170, 170, 170),
+    "black": (20, 20, 20),
+}
+INK = {"white": (0, 0, 0), "grey": (0, 0, 0), "black": (255, 255, 255)}
+# Words are kept to those that fit one grid cell at the configured resolution (see `words_for`).
+WORDS: tuple[str, ...] = tuple("0123456789") + ("hi", "go", "up", "ok", "me", "we", "cat", "sun", "box", "dog")
+ROWS: tuple[str, ...] = ("top", "middle", "bottom")
+COLS: tuple[str, ...] = ("left", "centre", "right")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Colour+shape pairs that never occur in train/val/test and always occur in the `holdout`
+# split: a measure of compositional generalisation (each colour and shape is still seen).
+DEFAULT_HELDOUT = (("red", "triangle"), ("green", "circle"), ("blue", "cross"),
+                   ("yellow", "diamond"), ("purple", "square"))
+SPLITS = ("train", "val", "test", "holdout")
+
+
+def position_name(row: int, col: int) -> str:
+    """'top left', 'middle right', ..., with the middle cell simply 'centre'."""
+    if row == 1 and col == 1:
+        return "centre"
+    return f"{ROWS[row]} {COLS[col]}"
+
+
+def plural(shape: str) -> str:
+    return {"cross": "crosses"}.get(shape, shape + "s")
+
+
+def count_phrase(n: int) -> str:
+    return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    size: str
+    row: int
+    col: int
+    cx: float  # centre in pixels
+    cy: float
+    extent: float  # side of the bounding box in pixels
+
+    @property
+    def position(self) -> str:
+        return position_name(self.row, self.col)
+
+    def noun(self, with_size: bool = False) -> str:
+        return f"{self.size + ' ' if with_size else ''}{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Text:
+    word: str
+    row: int
+    col: int
+    cx: float
+    cy: float
+    font_px: int
+
+    @property
+    def position(self) -> str:
+        return position_name(self.row, self.col)
+
+
+@dataclass(frozen=True)
+class Scene:
+    resolution: int
+    background: str
+    objects: tuple[Obj, ...]
+    text: Text | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "resolution": self.resolution,
+            "background": self.background,
+            "objects": [asdict(o) for o in self.objects],
+            "text": asdict(self.text) if self.text else None,
+        }
+
+    @staticmethod
+    def from_json(d: dict) -> "Scene":
+        return Scene(
+            resolution=int(d["resolution"]),
+            background=d["background"],
+            objects=tuple(Obj(**o) for o in d["objects"]),
+            text=Text(**d["text"]) if d.get("text") else None,
+        )
+
+    def count(self, colour: str | None = None, shape: str | None = None) -> int:
+        return sum((colour is None or o.colour == colour) and (shape is None or o.shape == shape)
+                   for o in self.objects)
+
+    def pairs(self) -> set[tuple[str, str]]:
+        return {(o.colour, o.shape) for o in self.objects}
+
+
+@dataclass
+class WorldConfig:
+    resolution: int = 48
+    min_objects: int = 1
+    max_objects: int = 6
+    text_prob: float = 0.3
+    colours: tuple[str, ...] = tuple(COLOURS)
+    shapes: tuple[str, ...] = SHAPES
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    heldout: tuple[tuple[str, str], ...] = DEFAULT_HELDOUT
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 32 <= self.resolution <= 256:
+            raise ValueError(f"shapes world resolution must be in [32, 256], got {self.resolution}")
+        if not 1 <= self.min_objects <= self.max_objects <= 6:
+            raise ValueError(f"need 1 <= min_objects <= max_objects <= 6, got {self.min_objects}..{self.max_objects}")
+        unknown = [c for c in self.colours if c not in COLOURS] + [s for s in self.shapes if s not in SHAPES]
+        if unknown:
+            raise ValueError(f"unknown colours/shapes in world config: {unknown}")
+        self.colours, self.shapes = tuple(self.colours), tuple(self.shapes)
+        self.heldout = tuple(tuple(p) for p in self.heldout)
+
+
+def scene_rng(cfg: WorldConfig, split: str, index: int) -> random.Random:
+    """Every (seed, split, index) names one scene, independent of how many were made before."""
+    digest = hashlib.sha256(f"{cfg.seed}/{split}/{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def font_px(resolution: int) -> int:
+    return round(resolution / 3 * 0.75)
+
+
+@lru_cache(maxsize=8)
+def words_for(resolution: int) -> tuple[str, ...]:
+    """The words whose rendering fits inside one cell (digits always do at >= 32 px)."""
+    font, cell = _font(font_px(resolution)), resolution / 3
+    fits = tuple(w for w in WORDS if font.getbbox(w)[2] <= cell - 2)
+    return fits or tuple("0123456789")
+
+
+def sample_scene(cfg: WorldConfig, split: str, index: int) -> Scene:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    rng = scene_rng(cfg, split, index)
+    res = cfg.resolution
+    cell = res / 3
+    n = rng.randint(cfg.min_objects, cfg.max_objects)
+    has_text = rng.random() < cfg.text_prob and n < 9
+    cells = rng.sample(range(9), n + int(has_text))
+    heldout = set(cfg.heldout)
+    # the holdout split always contains a held-out pair; the others never do
+    forced = rng.randrange(n) if split == "holdout" and heldout else -1
+    objects = []
+    for i, c in enumerate(cells[:n]):
+        row, col = divmod(c, 3)
+        if i == forced:
+            colour, shape = rng.choice(sorted(heldout))
+        else:
+            while True:
+                colour, shape = rng.choice(cfg.colours), rng.choice(cfg.shapes)
+                if (colour, shape) not in heldout:
+                    break
+        size = rng.choice(SIZES)
+        extent = round(cell * (0.8 if size == "large" else 0.5))
+        slack = (cell - extent) / 2 - 1
+        cx = cell * (col + 0.5) + rng.uniform(-slack, slack)
+        cy = cell * (row + 0.5) + rng.uniform(-slack, slack)
+        objects.append(Obj(shape, colour, size, row, col, round(cx, 2), round(cy, 2), extent))
+    text = None
+    if has_text:
+        row, col = divmod(cells[n], 3)
+        text = Text(rng.choice(words_for(res)), row, col, round(cell * (col + 0.5), 2), round(cell * (row + 0.5), 2),
+                    font_px(res))
+    return Scene(res, rng.choice(cfg.backgrounds), tuple(objects), text)
+
+
+# ---------------------------------------------------------------- rendering
+
+def shape_polygon(shape: str, cx: float, cy: float, extent: float) -> list[tuple[float, float]] | None:
+    """Polygon vertices for polygonal shapes (None for the circle, drawn as an ellipse)."""
+    h = extent / 2
+    if shape == "square":
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "diamond":
+        return [(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)]
+    if shape == "cross":
+        a = extent / 6  # arms one third of the extent wide
+        return [(cx - a, cy - h), (cx + a, cy - h), (cx + a, cy - a), (cx + h, cy - a), (cx + h, cy + a),
+                (cx + a, cy + a), (cx + a, cy + h), (cx - a, cy + h), (cx - a, cy + a), (cx - h, cy + a),
+                (cx - h, cy - a), (cx - a, cy - a)]
+    if shape == "circle":
+        return None
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, extent: float, fill) -> None:
+    poly = shape_polygon(shape, cx, cy, extent)
+    if poly is None:
+        h = extent / 2
+        draw.ellipse([cx - h, cy - h, cx + h - 1, cy + h - 1], fill=fill)
+    else:
+        # PIL fills polygons inclusively; shrink the far edges by a pixel so a square of
+        # extent e covers exactly e x e pixels.
+        draw.polygon([(x - (x > cx), y - (y > cy)) for x, y in poly], fill=fill)
+
+
+@lru_cache(maxsize=16)
+def _font(px: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=px)  # Pillow's bundled font: no system fonts needed
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw the scene in exact palette colours, without anti-aliasing."""
+    img = Image.new("RGB", (scene.resolution, scene.resolution), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    draw.fontmode = "1"  # no anti-aliased glyph edges: every pixel is background, ink or an object
+    for o in scene.objects:
+        draw_shape(draw, o.shape, o.cx, o.cy, o.extent, COLOURS[o.colour])
+    if scene.text is not None:
+        t = scene.text
+        draw.text((t.cx, t.cy), t.word, fill=INK[scene.background], font=_font(t.font_px), anchor="mm")
+    return img
+
+
+# ---------------------------------------------------------------- language
+
+def article(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _listing(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _grouped(objects) -> list[str]:
+    """'two red squares', 'a blue circle' ... in first-seen order."""
+    groups: dict[tuple[str, str], int] = {}
+    for o in objects:
+        groups[(o.colour, o.shape)] = groups.get((o.colour, o.shape), 0) + 1
+    return [article(f"{c} {s}") if k == 1 else f"{count_phrase(k)} {c} {plural(s)}" for (c, s), k in groups.items()]
+
+
+def caption(scene: Scene, rng: random.Random, template: int | None = None) -> str:
+    """One of four natural templates (0-3; drawn from `rng` when None); each names every object's colour and shape."""
+    objs = sorted(scene.objects, key=lambda o: (o.row, o.col))
+    bg = f"{scene.background} background"
+    if template is None:
+        template = rng.randrange(4)
+    elif template not in range(4):
+        raise ValueError(f"caption template must be 0-3, got {template!r}")
+    if template == 0:
+        body = _listing([f"{article(o.noun(with_size=True))} at the {o.position}" for o in objs])
+        text = f" The word \"{scene.text.word}\" is written at the {scene.text.position}." if scene.text else ""
+        out = f"{body[0].upper()}{body[1:]} on a {bg}.{text}"
+    elif template == 1:
+        n = len(objs)
+        out = f"{count_phrase(n).capitalize()} object{'s' if n > 1 else ''} on a {bg}: {_listing(_grouped(objs))}."
+        if scene.text:
+            out += f" It says \"{scene.text.word}\"."
+    elif template == 2:
+        lefts = sorted(objs, key=lambda o: (o.col, o.row))
+        parts = [article(lefts[0].noun())]
+        for prev, o in zip(lefts, lefts[1:]):
+            rel = "to the right of it" if o.col > prev.col else ("below it" if o.row > prev.row else "above it")
+            parts.append(f"{article(o.noun())} {rel}")
+        out = f"From left to right: {'; '.join(parts)}."
+        if scene.text:
+            out += f" Text: {scene.text.word}."
+    else:
+        out = f"A picture of {_listing(_grouped(objs))}"
+        out += f" with the text \"{scene.text.word}\"." if scene.text else "."
+    return out
+
+
+def _unique(scene: Scene, o: Obj) -> str | None:
+    """Shortest description that picks out exactly this object, or None if none does."""
+    if scene.count(shape=o.shape) == 1:
+        return f"the {o.shape}"
+    if scene.count(colour=o.colour, shape=o.shape) == 1:
+        return f"the {o.colour} {o.shape}"
+    return None
+
+
+def questions(scene: Scene, rng: random.Random, per_type: int = 2) -> list[dict]:
+    """Question/answer pairs of five types, answers being short exact strings."""
+    qa: list[dict] = []
+    objs = list(scene.objects)
+
+    def add(kind: str, q: str, a: str):
+        qa.append({"type": kind, "q": q, "a": a})
+
+    for o in rng.sample(objs, min(per_type, len(objs))):
+        ref = f"the {o.shape}" if scene.count(shape=o.shape) == 1 else None
+        if ref:
+            add("colour", f"What colour is {ref}?", o.colour)
+        if scene.count(colour=o.colour) == 1:
+            add("shape", f"What shape is the {o.colour} object?", o.shape)
+    for _ in range(per_type):
+        which = rng.randrange(3)
+        if which == 0:
+            add("count", "How many objects are there?", str(len(objs)))
+        elif which == 1:
+            c = rng.choice(list(COLOURS))
+            add("count", f"How many {c} objects are there?", str(scene.count(colour=c)))
+        else:
+            s = rng.choice(SHAPES)
+            add("count", f"How many {plural(s)} are there?", str(scene.count(shape=s)))
+    refs = [(o, _unique(scene, o)) for o in objs]
+    refs = [(o, r) for o, r in refs if r]
+    for o, r in rng.sample(refs, min(per_type, len(refs))):
+        add("position", f"Where is {r}?", o.position)
+    if len(refs) >= 2:
+        (a, ra), (b, rb) = rng.sample(refs, 2)
+        if a.col != b.col:
+            add("position", f"Is {ra} left of {rb}?", "yes" if a.col < b.col else "no")
+        elif a.row != b.row:
+            add("position", f"Is {ra} above {rb}?", "yes" if a.row < b.row else "no")
+    add("text", "What is written in the image?", scene.text.word if scene.text else "nothing")
+    return qa
+
+
+def make_sample(cfg: WorldConfig, split: str, index: int) -> dict:
+    """Everything a shard holds for one scene: image, caption, QA and the scene itself."""
+    scene = sample_scene(cfg, split, index)
+    rng = scene_rng(cfg, split + "/lang", index)
+    cap = caption(scene, rng)
+    return {
+        "image": render(scene),
+        "caption": cap,
+        "meta": {"split": split, "index": index, "caption": cap, "width": scene.resolution,
+                 "height": scene.resolution, "scene": scene.to_json(), "qa": questions(scene, rng)},
+    }
