@@ -1,0 +1,88 @@
+"""Evaluate a saved tokenizer on held-out shards: `python -m tokenizer.evaluate tokenizer_dir=... [split=test]`.
+
+Writes {split}_metrics.json (PSNR, SSIM, code usage and perplexity, encode speed) and
+{split}_reconstructions.png (originals above reconstructions).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from data.grid import save_grid
+from data.loader import ImageTransform
+from data.runtime import UserError, cli, run_dir_of, save_resolved_config, write_json
+from data.shards import DecodePolicy, ReadStats, iter_samples
+from tokenizer.checkpoint import load_tokenizer
+from tokenizer.metrics import CodeHistogram, psnr_per_image, ssim_per_image
+
+
+def image_batches(pattern: str, resolution: int, batch_size: int, stats: ReadStats, max_images: int | None = None):
+    """Decoded, resized uint8 image batches read in this process, in shard order."""
+    transform, buf, n = ImageTransform(resolution), [], 0
+    for s in iter_samples(pattern, DecodePolicy(draft_size=resolution * 2), stats):
+        buf.append(transform(s["image"]))
+        n += 1
+        if len(buf) == batch_size or (max_images and n >= max_images):
+            yield torch.stack(buf)
+            buf = []
+        if max_images and n >= max_images:
+            return
+    if buf:
+        yield torch.stack(buf)
+
+
+@torch.no_grad()
+def evaluate_tokenizer(tokenizer_dir, pattern: str, out_dir, batch_size: int = 64, name: str = "test",
+                       max_images: int | None = None) -> dict:
+    model = load_tokenizer(tokenizer_dir)
+    out_dir = Path(out_dir)
+    stats, hist = ReadStats(), CodeHistogram(model.cfg.num_codes)
+    psnr, ssim, show = [], [], None
+    encode_s = 0.0
+    for x in image_batches(pattern, model.cfg.resolution, batch_size, stats, max_images):
+        x = x.float() / 255
+        t = time.perf_counter()
+        codes = model.encode(x)
+        encode_s += time.perf_counter() - t
+        rec = model.decode(codes)
+        psnr.append(psnr_per_image(rec, x))
+        ssim.append(ssim_per_image(rec, x))
+        hist.update(codes)
+        if show is None:
+            show = [list(x[:8]), list(rec[:8])]
+    if not psnr:
+        raise UserError(f"no readable images in {pattern!r} ({stats.summary()})")
+    p = torch.cat(psnr)
+    metrics = {
+        "split": name, "images": len(p), "psnr": float(p.mean()), "psnr_median": float(p.median()),
+        "ssim": float(torch.cat(ssim).mean()), "code_usage": hist.usage, "perplexity": hist.perplexity,
+        "num_codes": model.cfg.num_codes, "tokens_per_image": model.cfg.grid ** 2,
+        "encode_images_per_s": len(p) / max(encode_s, 1e-9), "data": stats.to_json(),
+    }
+    write_json(out_dir / f"{name}_metrics.json", metrics)
+    save_grid(show, out_dir / f"{name}_reconstructions.png", scale=3)
+    return metrics
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="evaluate_tokenizer")
+@cli
+def main(cfg: DictConfig):
+    run_dir = run_dir_of(cfg)
+    save_resolved_config(cfg, run_dir)
+    pattern = cfg.data.get(cfg.split)
+    if not pattern:
+        raise UserError(f"data config {cfg.data.name!r} has no split {cfg.split!r}")
+    m = evaluate_tokenizer(cfg.tokenizer_dir, pattern, run_dir, cfg.batch_size, cfg.split, cfg.max_images)
+    print(f"{cfg.split}: PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.3f}  usage {m['code_usage']:.1%}  "
+          f"perplexity {m['perplexity']:.0f}  ({m['images']} images, {m['encode_images_per_s']:.0f} img/s encode) "
+          f"-> {run_dir}/{cfg.split}_metrics.json")
+    return m
+
+
+if __name__ == "__main__":
+    main()
