@@ -1,0 +1,134 @@
+"""The one decoder-only transformer, built from transformers' model classes (no hub download).
+
+QK-norm on (Chameleon found it necessary) selects Qwen3's attention, which RMS-normalises
+queries and keys per head; off selects plain Llama. Embedding dropout, the z-loss and the
+per-modality losses are ours. The decoder takes `input_ids` (early fusion) or `inputs_embeds`
+(the adapter baseline inserts projected image features) and never knows which.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data.runtime import UserError
+
+
+@dataclass
+class DecoderConfig:
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None  # default: 8/3 * hidden, rounded to 32 (SwiGLU)
+    max_seq_len: int = 512
+    qk_norm: bool = True
+    z_loss: float = 1e-5  # Chameleon: 1e-5 * log^2 Z keeps the output softmax from drifting
+    embed_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    init_from: str | None = None  # a local pretrained causal LM directory to start from
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        self.num_kv_heads = self.num_kv_heads or self.num_heads
+        self.intermediate_size = self.intermediate_size or int(self.hidden_size * 8 / 3) // 32 * 32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown decoder config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def hf_config(self, vocab_size: int):
+        from transformers import LlamaConfig, Qwen3Config
+
+        kw = dict(vocab_size=vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                  num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                  num_key_value_heads=self.num_kv_heads, head_dim=self.hidden_size // self.num_heads,
+                  max_position_embeddings=self.max_seq_len, attention_dropout=self.attention_dropout,
+                  tie_word_embeddings=self.tie_embeddings, initializer_range=self.init_std,
+                  rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
+        cfg = Qwen3Config(**kw) if self.qk_norm else LlamaConfig(**kw)
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+    def non_embedding_params(self) -> int:
+        h, f, L = self.hidden_size, self.intermediate_size, self.num_layers
+        kv = self.num_kv_heads * (h // self.num_heads)
+        return L * (2 * h * h + 2 * h * kv + 3 * h * f)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N for the matmuls (N without embeddings, with the output head)
+        plus attention's 6 * L * T * h (PaLM's accounting, causal half not discounted)."""
+        return 6 * self.non_embedding_params() + 6 * self.num_layers * seq_len * self.hidden_size
+
+
+class Decoder(nn.Module):
+    """A causal LM over the joint vocabulary, returning logits and (given labels) its losses."""
+
+    def __init__(self, cfg: DecoderConfig, vocab_size: int):
+        super().__init__()
+        from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM
+
+        self.cfg = cfg
+        if cfg.init_from:
+            try:
+                self.lm = AutoModelForCausalLM.from_pretrained(cfg.init_from, local_files_only=True)
+            except OSError as e:
+                raise UserError(f"cannot load a causal LM from {cfg.init_from}: {str(e).splitlines()[0]}") from None
+            if self.lm.config.vocab_size > vocab_size:
+                raise UserError(f"pretrained LM at {cfg.init_from} has {self.lm.config.vocab_size} tokens, "
+                                f"more than the joint vocabulary ({vocab_size}): its text tokenizer must be the vocab's")
+            # new rows (specials + image codes) start at the mean of the old ones (transformers' default)
+            self.lm.resize_token_embeddings(vocab_size, mean_resizing=True)
+        else:
+            hf = cfg.hf_config(vocab_size)
+            self.lm = (Qwen3ForCausalLM if cfg.qk_norm else LlamaForCausalLM)(hf)
+        self.embed_dropout = nn.Dropout(cfg.embed_dropout)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.lm.get_input_embeddings()
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, past_key_values=None,
+                use_cache: bool = False, logits_to_keep: int = 0):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds = self.embed_dropout(inputs_embeds)
+        return self.lm(inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=past_key_values,
+                       use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+
+def lm_losses(logits: torch.Tensor, labels: torch.Tensor, modality: torch.Tensor, z_loss: float,
+              image_weight: float = 1.0, text_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Next-token losses from logits [b, t, V]; labels [b, t] hold the target of each position
+    (-100 = no loss); modality [b, t] is 0 for text targets, 1 for image targets.
+
+    Returns the weighted total, the text and image cross-entropies (per token) and the z-loss.
+    """
+    logits = logits.float()
+    mask = labels != -100
+    flat_logits, flat_labels = logits[mask], labels[mask]
+    ce = F.cross_entropy(flat_logits, flat_labels, reduction="none")
+    is_image = modality[mask] == 1
+    n_img, n_txt = is_image.sum(), (~is_image).sum()
+    image_ce = (ce * is_image).sum() / n_img.clamp_min(1)
+    text_ce = (ce * ~is_image).sum() / n_txt.clamp_min(1)
+    lse = torch.logsumexp(flat_logits, dim=-1)
+    zl = z_loss * (lse ** 2).mean() if z_loss else lse.new_zeros(())
+    # token-weighted mix, so the total is a per-token loss when both weights are 1
+    total = (image_weight * (ce * is_image).sum() + text_weight * (ce * ~is_image).sum()) / mask.sum().clamp_min(1)
+    return {"loss": total + zl, "text_ce": text_ce, "image_ce": image_ce, "z_loss": zl,
+            "text_tokens": n_txt, "image_tokens": n_img}

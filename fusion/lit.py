@@ -1,0 +1,121 @@
+"""LightningModule for the early-fusion decoder: packed sequences in, text and image losses out."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from data.runtime import ScheduledTraining, adamw_with_schedule
+from data.shards import ReadStats
+from fusion.adapter import ImageEncoder, TowerConfig, insert_image_features
+from fusion.decoder import Decoder, DecoderConfig, lm_losses
+
+
+class FusionModule(ScheduledTraining, L.LightningModule):
+    def __init__(self, decoder: dict, vocab_size: int, vocab_fingerprint: str, optim: dict, loss: dict,
+                 seq_len: int, lr_scale: dict | None = None, stages: list | None = None):
+        super().__init__()
+        self.save_hyperparameters()  # plain containers only: checkpoints load with weights_only=True
+        self.decoder = Decoder(DecoderConfig.from_dict(decoder), vocab_size)
+        self.data_stats = ReadStats()
+        self._val = {}
+        cfg = self.decoder.cfg
+        # FLOPs of one training batch, read by Lightning's ThroughputMonitor (set per batch size)
+        self.flops_per_token = cfg.flops_per_token(seq_len)
+        self.flops_per_batch = 0.0
+
+    def inputs(self, batch) -> dict:
+        """What the decoder is given; the adapter baseline overrides this to insert image features."""
+        return {"input_ids": batch["input_ids"]}
+
+    def losses(self, batch) -> dict[str, torch.Tensor]:
+        out = self.decoder(**self.inputs(batch), position_ids=batch["position_ids"])
+        l = self.hparams.loss
+        return lm_losses(out.logits, batch["labels"], batch["modality"], self.decoder.cfg.z_loss,
+                         image_weight=l["image_weight"], text_weight=l["text_weight"])
+
+    def training_step(self, batch, batch_idx):
+        self.data_stats.merge(batch["stats"])
+        self.flops_per_batch = self.flops_per_token * batch["input_ids"].numel() + self.extra_flops(batch)
+        r = self.losses(batch)
+        if not torch.isfinite(r["loss"]):
+            raise FloatingPointError(f"non-finite loss {float(r['loss'])} at step {self.global_step}")
+        self.log_dict({"train/loss": r["loss"], "train/text_ce": r["text_ce"], "train/image_ce": r["image_ce"],
+                       "train/z_loss": r["z_loss"]})
+        self.log("loss", r["loss"], prog_bar=True, logger=False)
+        return r["loss"]
+
+    def extra_flops(self, batch) -> float:
+        return 0.0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.clock.flops += self.flops_per_batch
+        if self.clock.flops_budget and self.clock.flops >= self.clock.flops_budget:
+            self.trainer.should_stop = True  # the compute-matched budget is spent
+
+    @property
+    def train_flops(self) -> float:
+        """Measured training FLOPs so far (kept across resumes with the schedule's clock)."""
+        return self.clock.flops if hasattr(self, "clock") else 0.0
+
+    def on_validation_epoch_start(self):
+        self._val = {"text": [0.0, 0], "image": [0.0, 0]}
+
+    def validation_step(self, batch, batch_idx):
+        r = self.losses(batch)
+        for kind in ("text", "image"):
+            n = int(r[f"{kind}_tokens"])
+            self._val[kind][0] += float(r[f"{kind}_ce"]) * n
+            self._val[kind][1] += n
+
+    def on_validation_epoch_end(self):
+        metrics = {}
+        for kind, (total, n) in self._val.items():
+            if n:
+                metrics[f"val/{kind}_ce"] = total / n
+        if metrics:
+            t, i = self._val["text"], self._val["image"]
+            metrics["val/loss"] = (t[0] + i[0]) / max(1, t[1] + i[1])
+            self.log_dict(metrics, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        self.clock, config = adamw_with_schedule(self.named_parameters(), self.hparams.optim, self.trainer.max_steps,
+                                                 lr_scale=self.hparams.lr_scale, stages=self.hparams.stages)
+        return config
+
+
+class AdapterModule(FusionModule):
+    """The late-fusion baseline: the same decoder, with tower -> connector features at the placeholders."""
+
+    def __init__(self, decoder: dict, vocab_size: int, vocab_fingerprint: str, optim: dict, loss: dict,
+                 seq_len: int, tower: dict, connector: str, placeholder_id: int, lr_scale: dict | None = None,
+                 stages: list | None = None):
+        super().__init__(decoder, vocab_size, vocab_fingerprint, optim, loss, seq_len, lr_scale, stages)
+        self.image_encoder = ImageEncoder(TowerConfig.from_dict(tower), connector, self.decoder.cfg.hidden_size)
+        frozen = (lr_scale or {}).get("image_encoder.tower", 1.0) == 0
+        if frozen:
+            self.image_encoder.tower.requires_grad_(False)
+        self.flops_per_image = image_encoder_flops(self.image_encoder, trainable_tower=not frozen)
+
+    def on_train_epoch_start(self):
+        if not any(p.requires_grad for p in self.image_encoder.tower.parameters()):
+            self.image_encoder.tower.eval()  # a frozen tower keeps its dropout off
+
+    def inputs(self, batch) -> dict:
+        ids = batch["input_ids"]
+        embeds = self.decoder.embed_tokens(ids)
+        images = [im for seq in batch.get("images", []) for im in seq]
+        feats = (self.image_encoder(torch.stack(images).to(embeds.device).float() / 255) if images
+                 else embeds.new_zeros(0, self.image_encoder.tokens_per_image, embeds.shape[-1]))
+        return {"inputs_embeds": insert_image_features(embeds, ids, self.hparams.placeholder_id, feats)}
+
+    def extra_flops(self, batch) -> float:
+        return self.flops_per_image * sum(len(seq) for seq in batch.get("images", []))
+
+
+def image_encoder_flops(enc, trainable_tower: bool) -> float:
+    """Per image: the tower's forward (2 x params x patches), x3 when it trains; the connector x6."""
+    tower_params = sum(p.numel() for n, p in enc.tower.named_parameters() if "embeddings" not in n)
+    patches = enc.connector.grid ** 2 + 1
+    conn_params = sum(p.numel() for p in enc.connector.parameters())
+    return (6 if trainable_tower else 2) * tower_params * patches + 6 * conn_params * enc.tokens_per_image

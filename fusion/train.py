@@ -1,0 +1,202 @@
+"""Train the early-fusion decoder on code shards: `python -m fusion.train codes=DIR [hydra overrides]`.
+
+Writes into the run folder: config.yaml (resolved), vocab/, checkpoints/ (last + best, for resume),
+logs/ (CSV; TensorBoard when installed), samples/ (a grid of generated images at every validation),
+model/ (the self-contained trained model: what fusion.sample and fusion.evaluate load) and
+train_summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from data.grid import save_grid
+from data.loader import ImageTransform, in_order, make_loader, train_loader
+from data.runtime import (UserError, audit_callback, checkpoint_callbacks, cli, env_is_rank_zero, make_trainer, resume_checkpoint, run_dir_of, save_resolved_config,
+                          throughput_monitor, write_json)
+from data.shards import ReadStats
+from fusion.checkpoint import save_bundle
+from fusion.data import iter_code_samples, sequence_stages
+from fusion.documents import TaskMix
+from fusion.generate import Generator, SamplingConfig
+from fusion.lit import AdapterModule, FusionModule
+from fusion.vocab import ImageLayout, MultimodalVocab, load_text_tokenizer, train_text_tokenizer
+from tokenizer.checkpoint import load_tokenizer, read_tokenizer_meta
+from tokenizer.pretokenize import TOKENIZER_META
+
+
+def code_source(cfg: DictConfig) -> tuple[Path, str, dict]:
+    """The code shards' folder, the image tokenizer they were made with, and its metadata."""
+    codes = Path(cfg.codes)
+    if not (codes / TOKENIZER_META).is_file():
+        raise UserError(f"{codes} holds no code shards ({TOKENIZER_META} missing): run tokenizer.pretokenize first")
+    made_with = json.loads((codes / TOKENIZER_META).read_text())
+    tokenizer_dir = cfg.get("tokenizer_dir") or made_with["tokenizer_dir"]
+    meta = read_tokenizer_meta(tokenizer_dir)
+    if meta["fingerprint"] != made_with["fingerprint"]:
+        raise UserError(f"codes in {codes} were made by tokenizer {made_with['fingerprint']}, "
+                        f"but {tokenizer_dir} is {meta['fingerprint']}")
+    return codes, tokenizer_dir, meta
+
+
+def build_vocab(cfg: DictConfig, codes: Path, tok_meta: dict) -> MultimodalVocab:
+    """The text tokenizer (trained on the training captions and QA, or loaded) + specials + image codes."""
+    if cfg.get("vocab_dir"):  # e.g. the ablation: both arms share one vocabulary
+        vocab = MultimodalVocab.load(cfg.vocab_dir)
+        if vocab.num_codes != tok_meta["num_codes"] or vocab.layout.grid != tok_meta["grid"]:
+            raise UserError(f"vocabulary {cfg.vocab_dir} is for {vocab.num_codes} codes on a {vocab.layout.grid} grid, "
+                            f"the tokenizer makes {tok_meta['num_codes']} on {tok_meta['grid']}")
+        return vocab
+    layout = ImageLayout(grid=tok_meta["grid"], row_separator=cfg.layout.row_separator)
+    if cfg.text.tokenizer:
+        text_tok = load_text_tokenizer(cfg.text.tokenizer)
+    else:
+        def texts():
+            for i, s in enumerate(iter_code_samples(str(codes / "train"), tok_meta["grid"], tok_meta["num_codes"])):
+                if i >= cfg.text.train_samples:
+                    return
+                yield s["caption"]
+                for qa in s["meta"].get("qa") or []:
+                    yield f"Q: {qa['q']} A: {qa['a']}"
+        text_tok = train_text_tokenizer(texts(), vocab_size=cfg.text.vocab_size)
+    return MultimodalVocab(text_tok, tok_meta["num_codes"], layout)
+
+
+class SampleGrid(Callback):
+    """At every validation, draw images for a few fixed validation captions: watch images appear."""
+
+    def __init__(self, vocab: MultimodalVocab, tokenizer_dir: str, captions: list[str], out: Path, sc: SamplingConfig):
+        self.vocab, self.captions, self.out, self.sc = vocab, captions, out, sc
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.captions:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        prompts = [[self.vocab.bos, *self.vocab.encode_text(c), self.vocab.boi] for c in self.captions]
+        gen = Generator(pl_module.decoder, self.vocab).generate(prompts, self.sc, seed=0)
+        images = []
+        for p, g in zip(prompts, gen):
+            try:
+                codes = self.vocab.decode_image([self.vocab.boi, *g])
+                images.append(self.tokenizer.decode(torch.from_numpy(codes)[None])[0])
+            except ValueError:
+                images.append(torch.zeros(3, self.tokenizer.cfg.resolution, self.tokenizer.cfg.resolution))
+        path = save_grid([images], self.out / f"step_{trainer.global_step:06d}.png", scale=3)
+        save_grid([images], self.out / "latest.png", scale=3)
+        (self.out / "prompts.txt").write_text("\n".join(self.captions) + "\n")
+        if was_training:
+            pl_module.train()
+        print(f"samples at step {trainer.global_step}: {path}", flush=True)
+
+
+def optim_config(t: DictConfig) -> dict:
+    return {"lr": t.lr, "betas": list(t.betas), "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps,
+            "min_lr_ratio": t.min_lr_ratio, "time_budget_s": 60 * t.time_budget_min if t.get("time_budget_min") else None,
+            "flops_budget": float(t.flops_budget) if t.get("flops_budget") else None}
+
+
+def build_module(cfg: DictConfig, vocab: MultimodalVocab, run_dir: Path) -> FusionModule:
+    """Both arms build the decoder first from the same seed, so they start from identical weights."""
+    common = dict(decoder=OmegaConf.to_container(cfg.decoder, resolve=True), vocab_size=vocab.size,
+                  vocab_fingerprint=vocab.fingerprint(), optim=optim_config(cfg.train),
+                  loss=OmegaConf.to_container(cfg.loss, resolve=True), seq_len=cfg.seq_len)
+    if cfg.arm == "fusion":
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        return FusionModule(**common)
+    if cfg.arm != "adapter":
+        raise UserError(f"arm must be fusion or adapter, got {cfg.arm!r}")
+    tower = OmegaConf.to_container(cfg.tower, resolve=True)
+    if not tower.get("pretrained"):  # never a random encoder: pretrain one on the same shards first
+        from fusion.pretrain_tower import pretrain_tower
+
+        sub = OmegaConf.merge(hydra.compose(config_name="pretrain_tower", overrides=list(cfg.adapter.tower_overrides)),
+                              {"data": cfg.data, "tower": cfg.tower, "seed": cfg.seed})
+        tower["pretrained"] = pretrain_tower(sub, run_dir / "tower_pretraining")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    stages = OmegaConf.to_container(cfg.adapter.stages, resolve=True) if cfg.adapter.two_stage else None
+    return AdapterModule(**common, tower=tower, connector=cfg.adapter.connector, placeholder_id=vocab.placeholder,
+                         lr_scale=dict(cfg.adapter.lr_scale), stages=stages)
+
+
+def train(cfg: DictConfig) -> dict:
+    run_dir = run_dir_of(cfg)
+    save_resolved_config(cfg, run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    codes, tokenizer_dir, tok_meta = code_source(cfg)
+    if cfg.get("resume") and (run_dir / "vocab" / "vocab.json").is_file():
+        vocab = MultimodalVocab.load(run_dir / "vocab")  # resume with the vocabulary the run started with
+    else:
+        vocab = build_vocab(cfg, codes, tok_meta)  # deterministic: every rank builds the same one
+        if env_is_rank_zero():
+            vocab.save(run_dir / "vocab")
+    t = cfg.train
+    module = build_module(cfg, vocab, run_dir)
+    mix = TaskMix(weights=dict(cfg.tasks), cond_dropout=cfg.cond_dropout)
+    if cfg.arm == "fusion":
+        sources, extra = (str(codes / "train"), str(codes / "val")), {}
+    else:  # the adapter reads the image shards the codes were made from: same keys, same order
+        sources = (cfg.data.train, cfg.data.val)
+        extra = {"pixels": ImageTransform(cfg.tower.image_size), "placeholders": module.image_encoder.tokens_per_image}
+    val_data = in_order(sources[1], sequence_stages(vocab, cfg.seq_len, t.batch_size, mix, seed=1234, shuffle_buffer=0,
+                                                    **extra))
+    captions = [s["caption"] for _, s in zip(range(cfg.samples.count),
+                                              iter_code_samples(str(codes / "val"), tok_meta["grid"], tok_meta["num_codes"]))]
+    sc = SamplingConfig(temperature=cfg.samples.temperature, top_k=cfg.samples.top_k, cfg_scale=cfg.samples.cfg_scale,
+                        max_new_tokens=vocab.layout.span_len)
+    callbacks = [*checkpoint_callbacks(run_dir, cfg.checkpoint_every, "val/loss", "min"), LearningRateMonitor("step"),
+                 throughput_monitor(length_fn=lambda b: b["input_ids"].numel())]
+    if cfg.arm == "fusion":  # the adapter cannot write images
+        callbacks.append(SampleGrid(vocab, tokenizer_dir, captions, run_dir / "samples", sc))
+    if cfg.get("audit"):
+        callbacks.append(audit_callback(run_dir))
+    overrides = {"max_time": {"seconds": int(60 * t.time_budget_min)}} if t.get("time_budget_min") else {}
+    trainer = make_trainer(cfg.trainer, run_dir, callbacks, **overrides)
+    ckpt_path = resume_checkpoint(cfg.get("resume"), run_dir, expect={"vocab_fingerprint": vocab.fingerprint(),
+                                                                      "decoder": module.hparams.decoder})
+    start = time.time()
+    train_data = train_loader(sources[0], lambda seed: sequence_stages(
+        vocab, cfg.seq_len, t.batch_size, mix, seed=f"{cfg.seed}/{seed}", shuffle_buffer=t.shuffle_buffer,
+        partial=False, **extra), t.num_workers, steps=lambda: trainer.global_step)
+    trainer.fit(module, train_dataloaders=train_data, val_dataloaders=make_loader(val_data), ckpt_path=ckpt_path)
+    elapsed = time.time() - start
+    if not trainer.is_global_zero:
+        return {}
+    tokens = trainer.global_step * t.batch_size * cfg.seq_len * max(1, trainer.world_size)
+    summary = {"steps": trainer.global_step, "seconds": round(elapsed, 1), "tokens": tokens,
+               "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1), "precision": str(trainer.precision),
+               "params": sum(p.numel() for p in module.decoder.parameters()),
+               "non_embedding_params": module.decoder.cfg.non_embedding_params(),
+               "flops_per_token": module.flops_per_token, "train_flops": module.train_flops,
+               "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+               "data": module.data_stats.to_json()}
+    if cfg.arm == "adapter":
+        summary["image_encoder_params"] = sum(p.numel() for p in module.image_encoder.parameters())
+        summary["flops_per_image"] = module.flops_per_image
+    summary["trainable_params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    save_bundle(run_dir / "model", module.decoder, vocab, tokenizer_dir, extra={"train": summary, "arm": cfg.arm},
+                image_encoder=module.image_encoder if cfg.arm == "adapter" else None)
+    write_json(run_dir / "train_summary.json", summary)
+    print(f"model: {run_dir / 'model'}  ({summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
+          f"{elapsed / 60:.1f} min)")
+    return summary
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train_fusion")
+@cli
+def main(cfg: DictConfig):
+    torch.set_float32_matmul_precision("high")
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The sampler's guarantees on a random-init decoder: exact grids, no codes in text, CFG, KV cache."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from fusion.generate import Generator, SamplingConfig
+from tests.fusion.helpers import tiny_decoder, tiny_vocab
+
+@contextmanager
+def nudged(dec, token: int, amount: float):
+    """Add `amount` to one token's logit (a forward hook on the output head) while inside."""
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[..., token] += amount
+        return output
+
+    handle = dec.lm.lm_head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+PROMPTS = ["A picture of a red circle.", "Two objects on a grey background: a green cross and a blue square.", ""]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    return vocab, tiny_decoder(vocab)
+
+
+def t2i_prompts(vocab):
+    return [[vocab.bos, *vocab.encode_text(p), vocab.boi] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_image_spans_hold_exactly_h_times_w_codes(setup, cfg_scale):
+    vocab, dec = setup
+    sc = SamplingConfig(temperature=1.5, cfg_scale=cfg_scale, max_new_tokens=vocab.layout.span_len)
+    for seed in range(3):
+        for out in Generator(dec, vocab).generate(t2i_prompts(vocab), sc, seed=seed):
+            span = [vocab.boi, *out]
+            codes = vocab.decode_image(span)  # raises unless the layout is exact
+            assert codes.shape == (4, 4)
+            assert int(vocab.is_code(out).sum()) == 16 and out[-1] == vocab.eoi
+
+
+def test_free_running_text_may_open_images_but_they_are_whole(setup):
+    vocab, dec = setup
+    with nudged(dec, vocab.boi, 4.0):  # push the random model towards <boi> so spans do get opened
+        sc = SamplingConfig(temperature=1.0, allow_images=True, max_images=2, max_new_tokens=120)
+        outs = Generator(dec, vocab).generate([[vocab.bos, *vocab.encode_text(p)] for p in PROMPTS], sc, seed=1)
+    opened = 0
+    for out in outs:
+        i = 0
+        while i < len(out):
+            if out[i] == vocab.boi:
+                vocab.decode_image(out[i:i + vocab.layout.span_len])
+                opened += 1
+                i += vocab.layout.span_len
+                continue
+            assert not vocab.is_code(out[i]) and out[i] not in (vocab.eol, vocab.eoi)
+            i += 1
+    assert opened >= 1
+
+
+def test_text_mode_never_emits_image_tokens(setup):
+    vocab, dec = setup
+    sc = SamplingConfig(temperature=2.0, allow_images=False, max_new_tokens=40)
+    for out in Generator(dec, vocab).generate([[vocab.bos, *vocab.encode_text(p)] for p in PROMPTS], sc, seed=2):
+        assert not vocab.is_code(out).any() and vocab.boi not in out and vocab.eoi not in out
+
+
+def test_cfg_unconditional_stream_differs_and_changes_samples(setup):
+    vocab, _ = setup
+    torch.manual_seed(1)
+    dec = tiny_decoder(vocab, init_std=0.5)  # a random model whose outputs depend on the prompt
+    seen = []
+    hook = dec.lm.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    try:
+        sc = SamplingConfig(temperature=1.0, cfg_scale=3.0, max_new_tokens=vocab.layout.span_len)
+        guided = Generator(dec, vocab).generate(t2i_prompts(vocab)[:2], sc, seed=5)
+    finally:
+        hook.remove()
+    prefill = seen[0]
+    assert prefill.shape[0] == 4  # two conditional rows, two unconditional
+    for r in range(2):
+        cond = prefill[r][prefill[r] != vocab.pad].tolist()
+        uncond = prefill[r + 2][prefill[r + 2] != vocab.pad].tolist()
+        assert cond != uncond and uncond == [vocab.bos, vocab.boi]
+    plain = Generator(dec, vocab).generate(t2i_prompts(vocab)[:2], SamplingConfig(temperature=1.0, cfg_scale=1.0,
+                                           max_new_tokens=vocab.layout.span_len), seed=5)
+    assert guided != plain
+
+
+def test_kv_cache_matches_full_recompute(setup):
+    vocab, dec = setup
+    prompts = [[vocab.bos, *vocab.encode_text(p)] for p in PROMPTS]
+    sc = dict(temperature=0, allow_images=True, max_images=1, max_new_tokens=30)
+    with_cache = Generator(dec, vocab).generate(prompts, SamplingConfig(**sc, use_cache=True))
+    without = Generator(dec, vocab).generate(prompts, SamplingConfig(**sc, use_cache=False))
+    assert with_cache == without
+
+
+def test_stop_at_newline(setup):
+    vocab, dec = setup
+    newline = vocab.encode_text("\n")
+    assert len(newline) == 1
+    with nudged(dec, newline[0], 2.0):
+        sc = SamplingConfig(temperature=0, allow_images=False, stop_at_newline=True, max_new_tokens=30)
+        outs = Generator(dec, vocab).generate([[vocab.bos, *vocab.encode_text("Q: What? A:")]], sc)
+    assert outs[0][-1] == newline[0] and newline[0] not in outs[0][:-1]

@@ -1,0 +1,92 @@
+"""End to end on tiny real data: train the decoder, sample images and interleaved output, evaluate, reload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.runtime import UserError
+from fusion.checkpoint import WEIGHTS, load_bundle
+from fusion.generate import Generator, SamplingConfig
+from tests.conftest import run_module
+
+TINY = ["model=test", "seq_len=256", "train.batch_size=4", "text.train_samples=200", "text.vocab_size=300",
+        "trainer.max_steps=16", "trainer.val_check_interval=8", "trainer.limit_val_batches=2", "samples.count=2",
+        "train.warmup_steps=4", "trainer.log_every_n_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_codes, shapes_root, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("fusion") / "run"
+    run_module("fusion.train", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY)
+    return run
+
+
+@pytest.mark.slow
+def test_training_writes_model_samples_and_logs(trained):
+    for f in ("model/decoder.safetensors", "model/decoder.json", "model/vocab/vocab.json",
+              "model/image_tokenizer/model.safetensors", "samples/latest.png", "checkpoints/last.ckpt",
+              "logs/metrics.csv", "config.yaml", "train_summary.json"):
+        assert (trained / f).is_file(), f
+    summary = json.loads((trained / "train_summary.json").read_text())
+    assert summary["steps"] == 16 and summary["tokens_per_s"] > 0 and summary["data"]["read"] > 0
+    assert summary["val"]["val/text_ce"] > 0 and summary["val"]["val/image_ce"] > 0
+    header = (trained / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/text_ce" in header and "train/image_ce" in header
+
+
+@pytest.mark.slow
+def test_sample_command_writes_images_and_interleaved_output(trained, tmp_path):
+    run_module("fusion.sample", f"model_dir={trained / 'model'}", f"run_dir={tmp_path / 's'}", "n=2",
+               "prompts=['A picture of a red circle.','A picture of two blue squares.']")
+    record = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert len(record) == 4 and all(Path(r["image"]).is_file() for r in record)
+    assert (tmp_path / "s" / "grid.png").is_file()
+    run_module("fusion.sample", f"model_dir={trained / 'model'}", f"run_dir={tmp_path / 'i'}",
+               "interleave=['A picture of a blue square.','<image>','Q: How many objects are there? A:','<text>']")
+    parts = json.loads((tmp_path / "i" / "samples.json").read_text())
+    assert [("image" if "image" in p else "text") for p in parts] == ["text", "image", "text", "text"]
+
+
+@pytest.mark.slow
+def test_evaluate_reports_every_measure(trained, tiny_codes, shapes_root, tmp_path):
+    proc = run_module("fusion.evaluate", f"model_dir={trained / 'model'}", f"codes={tiny_codes}", f"data.root={shapes_root}",
+                      f"run_dir={tmp_path}", "vqa_images=6", "generation.per_type=2", "seq_len=256")
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert set(report["vqa_test"]["per_type"]) == {"colour", "shape", "count", "position", "text"}
+    assert 0 <= report["generation"]["pass_rate"] <= 1 and len(report["generation"]["per_type"]) == 5
+    assert report["caption_test"]["perplexity"] > 1 and report["text_only_test"]["tokens"] > 0
+    assert (tmp_path / "generation_grid.png").is_file() and "VQA accuracy" in proc.stdout
+
+
+@pytest.mark.slow
+def test_saved_model_reloads_identically_and_refuses_damage(trained, tmp_path):
+    a, b = load_bundle(trained / "model"), load_bundle(trained / "model")
+    v = a.vocab
+    prompt = [[v.bos, *v.encode_text("A picture of a red circle."), v.boi]]
+    sc = SamplingConfig(temperature=0, max_new_tokens=v.layout.span_len)
+    assert Generator(a.decoder, v).generate(prompt, sc) == Generator(b.decoder, b.vocab).generate(prompt, sc)
+    for k, t in a.decoder.state_dict().items():
+        assert torch.equal(t, b.decoder.state_dict()[k])
+    import shutil
+    broken = tmp_path / "model"
+    shutil.copytree(trained / "model", broken)
+    data = (broken / WEIGHTS).read_bytes()
+    (broken / WEIGHTS).write_bytes(data[: len(data) // 3])
+    with pytest.raises(UserError, match="unreadable or truncated"):
+        load_bundle(broken)
+    shutil.copytree(trained / "model", tmp_path / "model2")
+    meta = json.loads((tmp_path / "model2" / "decoder.json").read_text())
+    meta["vocab_fingerprint"] = "0000000000000000"
+    (tmp_path / "model2" / "decoder.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="not the one the checkpoint was trained with"):
+        load_bundle(tmp_path / "model2")
+
+
+def test_train_without_code_shards_fails_in_one_line(tmp_path):
+    proc = run_module("fusion.train", f"codes={tmp_path}", f"run_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2 and "run tokenizer.pretokenize first" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
