@@ -116,19 +116,59 @@ class ScheduleClock:
 
 class ScheduledTraining:
     """Mixin for LightningModules built on adamw_with_schedule: the schedule's clock (wall time, FLOPs)
-    is saved in checkpoints and continued on resume, so a resumed run keeps its place in the schedule."""
+    is saved in checkpoints and continued on resume, so a resumed run keeps its place in the schedule.
+
+    It also holds the NaN/inf policy: a step whose loss (on any rank) or gradients are not finite is
+    skipped (no optimizer update) and counted in `train/skipped_steps`; after `max_skipped_steps` such
+    steps the run stops with a one-line error, so a diverged run never goes on with broken weights.
+    """
 
     _clock_resume: dict | None = None
+    max_skipped_steps: int = 20
+    skipped_steps: int = 0
 
     def on_train_start(self):
         self.clock.start((self._clock_resume or {}).get("elapsed_s", 0.0))
         self.clock.flops = (self._clock_resume or {}).get("flops", 0.0)
+        self.skipped_steps = (self._clock_resume or {}).get("skipped_steps", 0)
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["schedule_clock"] = {"elapsed_s": self.clock.elapsed(), "flops": self.clock.flops}
+        checkpoint["schedule_clock"] = {"elapsed_s": self.clock.elapsed(), "flops": self.clock.flops,
+                                        "skipped_steps": self.skipped_steps}
 
     def on_load_checkpoint(self, checkpoint):
         self._clock_resume = checkpoint.get("schedule_clock")
+
+    def finite_or_skip(self, loss):
+        """Return `loss`, or None (Lightning then skips backward and the update) when it is not finite on
+        some rank; every rank takes the same decision, so DDP never waits on a rank that skipped."""
+        import torch
+
+        bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach())) else 1.0, device=loss.device)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if float(bad) == 0:
+            return loss
+        self._skip(f"non-finite loss {float(loss.detach()):.4g}")
+        return None
+
+    def on_before_optimizer_step(self, optimizer):
+        import torch
+
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):  # gradients are already all-reduced
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    p.grad = None  # AdamW leaves parameters without gradients untouched
+            self._skip("non-finite gradients")
+
+    def _skip(self, why: str):
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if self.skipped_steps > self.max_skipped_steps:
+            raise UserError(f"{why} at step {self.global_step}: {self.skipped_steps} steps skipped, more than "
+                            f"max_skipped_steps={self.max_skipped_steps}; the run diverged (try a lower train.lr)")
+        print(f"warning: {why} at step {self.global_step}; step skipped ({self.skipped_steps} so far)", flush=True)
 
 
 def adamw_with_schedule(named_params, o: dict, max_steps: int, lr_scale: dict[str, float] | None = None,

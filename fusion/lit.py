@@ -38,8 +38,8 @@ class FusionModule(ScheduledTraining, L.LightningModule):
         self.data_stats.merge(batch["stats"])
         self.flops_per_batch = self.flops_per_token * batch["input_ids"].numel() + self.extra_flops(batch)
         r = self.losses(batch)
-        if not torch.isfinite(r["loss"]):
-            raise FloatingPointError(f"non-finite loss {float(r['loss'])} at step {self.global_step}")
+        if self.finite_or_skip(r["loss"]) is None:
+            return None
         self.log_dict({"train/loss": r["loss"], "train/text_ce": r["text_ce"], "train/image_ce": r["image_ce"],
                        "train/z_loss": r["z_loss"]})
         self.log("loss", r["loss"], prog_bar=True, logger=False)

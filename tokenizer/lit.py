@@ -34,6 +34,8 @@ class TokenizerModule(ScheduledTraining, L.LightningModule):
         err = rec.float() - (x * 2 - 1)
         l1, l2 = err.abs().mean(), (err ** 2).mean()
         loss = self.hparams.loss["l1"] * l1 + self.hparams.loss["l2"] * l2 + aux
+        if self.finite_or_skip(loss) is None:
+            return None
         with torch.no_grad():
             psnr = psnr_per_image(((rec.float() + 1) / 2).clamp(0, 1), x).mean()
             used = idx.unique().numel() / self.model.cfg.num_codes

@@ -90,3 +90,73 @@ def test_schedule_warms_up_then_decays():
     assert warmup_cosine(9, 10, 0.0, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(50, 10, 0.5, 0.1) == pytest.approx(0.55)
     assert warmup_cosine(99, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+class Poisoned:
+    """A tiny regression trained by Lightning whose loss turns NaN on chosen batches."""
+
+    @staticmethod
+    def make(nan_loss=(), max_skipped=20):
+        import lightning as L
+        from torch import nn
+
+        from data.runtime import ScheduledTraining, adamw_with_schedule
+
+        class Module(ScheduledTraining, L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(4, 1)
+                self.max_skipped_steps = max_skipped
+
+            def training_step(self, batch, i):
+                x, y = batch
+                loss = ((self.lin(x) - y) ** 2).mean()
+                if i in nan_loss:
+                    loss = loss * float("nan")
+                return self.finite_or_skip(loss)
+
+            def configure_optimizers(self):
+                o = {"lr": 1e-2, "betas": [0.9, 0.95], "weight_decay": 0.0, "warmup_steps": 0, "min_lr_ratio": 1.0}
+                self.clock, opt = adamw_with_schedule(self.named_parameters(), o, max_steps=8)
+                return opt
+
+        return Module()
+
+
+def fit_poisoned(module, tmp_path):
+    import lightning as L
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)) for _ in range(8)]
+    trainer = L.Trainer(max_steps=8, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    return trainer
+
+
+def test_non_finite_loss_is_skipped_and_counted(tmp_path):
+    m = Poisoned.make(nan_loss=(2, 5))
+    fit_poisoned(m, tmp_path)
+    assert m.skipped_steps == 2
+    assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
+    frozen = Poisoned.make(nan_loss=range(8), max_skipped=100)
+    before = [p.detach().clone() for p in frozen.parameters()]
+    fit_poisoned(frozen, tmp_path)
+    assert frozen.skipped_steps == 8  # every update skipped: the weights never moved
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, frozen.parameters()))
+
+
+def test_non_finite_gradients_are_skipped_not_applied(tmp_path):
+    m = Poisoned.make()
+    before = m.lin.weight.detach().clone()
+    m.lin.weight.register_hook(lambda g: g * float("inf"))  # every gradient is infinite
+    m.max_skipped_steps = 100
+    fit_poisoned(m, tmp_path)
+    assert m.skipped_steps == 8
+    assert torch.equal(m.lin.weight.detach(), before)  # never updated with a broken gradient
+
+
+def test_a_diverged_run_stops_with_one_clear_error(tmp_path):
+    m = Poisoned.make(nan_loss=range(8), max_skipped=3)
+    with pytest.raises(UserError, match="max_skipped_steps=3"):
+        fit_poisoned(m, tmp_path)
