@@ -123,10 +123,13 @@ def compare(rows: list[dict], arms: list[str]) -> dict:
             winners[name] = {"winner": next(iter(only)) if len(only) == 1 else None, "note": "only one arm measures this"}
             continue
         better_a = sum((x > y) if higher else (x < y) for x, y in pairs)
+        better_b = sum((y > x) if higher else (y < x) for x, y in pairs)
         mean_a, mean_b = statistics.fmean(x for x, _ in pairs), statistics.fmean(y for _, y in pairs)
+        if mean_a == mean_b:
+            winners[name] = {"winner": "tie", "seeds_won": f"0/{len(pairs)}", "difference": 0.0}
+            continue
         win = a if ((mean_a > mean_b) if higher else (mean_a < mean_b)) else b
-        won = better_a if win == a else len(pairs) - better_a
-        winners[name] = {"winner": win, "seeds_won": f"{won}/{len(pairs)}",
+        winners[name] = {"winner": win, "seeds_won": f"{better_a if win == a else better_b}/{len(pairs)}",
                          "difference": abs(mean_a - mean_b)}
     return winners
 

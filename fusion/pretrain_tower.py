@@ -60,6 +60,8 @@ class TowerModule(ScheduledTraining, L.LightningModule):
     def training_step(self, batch, batch_idx):
         self.data_stats.merge(batch["stats"])
         loss, acc = self.step(batch)
+        if self.finite_or_skip(loss) is None:
+            return None
         self.log_dict({"train/loss": loss, "train/retrieval_acc": acc})
         self.log("loss", loss, prog_bar=True, logger=False)
         return loss
@@ -78,7 +80,8 @@ class TowerModule(ScheduledTraining, L.LightningModule):
         vision_cfg = self.model.config.vision_config
         cls = CLIPVisionModel if self.hparams.tower["kind"] == "clip" else SiglipVisionModel
         tower = cls(vision_cfg)
-        tower.vision_model.load_state_dict(self.model.vision_model.state_dict())
+        # transformers 5 flattens the vision model (no .vision_model wrapper); older versions wrap it
+        getattr(tower, "vision_model", tower).load_state_dict(self.model.vision_model.state_dict())
         tower.save_pretrained(str(out_dir))
 
 
