@@ -24,15 +24,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-DEMO := runs/demo
-
 demo: $(STAMP)
-	$(BIN)/python -m data.build
-	$(BIN)/python -m tokenizer.train run_dir=$(DEMO)/tokenizer resume=auto experiment=demo
-	$(BIN)/python -m tokenizer.evaluate tokenizer_dir=$(DEMO)/tokenizer/tokenizer run_dir=$(DEMO)/tokenizer split=test
-	$(BIN)/python -m tokenizer.evaluate tokenizer_dir=$(DEMO)/tokenizer/tokenizer run_dir=$(DEMO)/tokenizer split=holdout
-	$(BIN)/python -m tokenizer.pretokenize tokenizer_dir=$(DEMO)/tokenizer/tokenizer out=$(DEMO)/codes
-	$(BIN)/python -m data.stats 'artifacts/shapes/{train,val,test,holdout}'
+	$(BIN)/python -m fusion.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs
