@@ -38,6 +38,8 @@ COLUMNS: dict[str, tuple] = {
     "params_total": (lambda e, s: s["params"] + s.get("image_encoder_params", 0), None),
     "params_trainable": (lambda e, s: s["trainable_params"], None),
     "train_flops": (lambda e, s: s["train_flops"], None),
+    "samples_seen": (lambda e, s: s["data"]["read"], None),
+    "train_flops_per_sample": (lambda e, s: s["train_flops"] / s["data"]["read"], None),
     "wall_s": (lambda e, s: s["seconds"], None),
     "tokens_per_s": (lambda e, s: s["tokens_per_s"], True),
 }
