@@ -50,6 +50,8 @@ def test_kill_and_resume_continues_the_stream(tiny_codes, tmp_path):
     rows = steps_and_keys(run)
     resumed_from = next(s for (s, _), (t, _) in zip(rows, rows[1:]) if t <= s)  # where the step count went back
     lost = killed_at - resumed_from
+    print(f"resume figure: killed at step {killed_at}, resumed from {resumed_from}: {lost} steps lost "
+          f"(checkpoint_every=10)")
     assert 0 <= lost <= 10, f"lost {lost} steps, more than one checkpoint interval"
     assert json.loads((run / "audit" / "weights_rank0.json").read_text())["step"] == 60
 
