@@ -132,3 +132,29 @@ def lm_losses(logits: torch.Tensor, labels: torch.Tensor, modality: torch.Tensor
     total = (image_weight * (ce * is_image).sum() + text_weight * (ce * ~is_image).sum()) / mask.sum().clamp_min(1)
     return {"loss": total + zl, "text_ce": text_ce, "image_ce": image_ce, "z_loss": zl,
             "text_tokens": n_txt, "image_tokens": n_img}
+
+
+@torch.no_grad()
+def seed_code_embeddings(decoder: Decoder, code_offset: int, num_codes: int, grid: int, tokenizer,
+                         seed: int = 0) -> torch.Tensor:
+    """Give each image code's input embedding a head start: what the code looks like.
+
+    Every code is decoded by the image tokenizer as a grid filled with it; the picture's 2 x 2 mean
+    colours (12 numbers, standardised over codes) go through a fixed random projection, and the result
+    is mixed with the random initialisation at equal scale. Only an initialisation: nothing is frozen,
+    and the decoder's architecture is unchanged. Returns the 12-number features (for tests).
+    """
+    feats = []
+    for chunk in torch.arange(num_codes).split(128):
+        images = tokenizer.decode(chunk.view(-1, 1, 1).expand(-1, grid, grid).contiguous())
+        feats.append(F.adaptive_avg_pool2d(images.float(), 2).flatten(1))
+    f = torch.cat(feats)
+    f = (f - f.mean(0)) / (f.std(0) + 1e-6)
+    g = torch.Generator().manual_seed(seed)
+    emb = decoder.embed_tokens.weight
+    proj = torch.randn(f.shape[1], emb.shape[1], generator=g) / math.sqrt(f.shape[1])
+    rows = slice(code_offset, code_offset + num_codes)
+    look = (f @ proj).to(emb.dtype) * decoder.cfg.init_std
+    emb[rows] = (emb[rows] + look) / math.sqrt(2)
+    return f
+

@@ -141,6 +141,11 @@ def train(cfg: DictConfig) -> dict:
             vocab.save(run_dir / "vocab")
     t = cfg.train
     module = build_module(cfg, vocab, run_dir)
+    if cfg.arm == "fusion" and cfg.get("seed_code_embeddings"):
+        from fusion.decoder import seed_code_embeddings
+
+        seed_code_embeddings(module.decoder, vocab.code_offset, vocab.num_codes, tok_meta["grid"],
+                             load_tokenizer(tokenizer_dir), seed=cfg.seed)
     mix = TaskMix(weights=dict(cfg.tasks), cond_dropout=cfg.cond_dropout)
     if cfg.arm == "fusion":
         sources, extra = (str(codes / "train"), str(codes / "val")), {}
