@@ -146,7 +146,7 @@ def train(cfg: DictConfig) -> dict:
 
         seed_code_embeddings(module.decoder, vocab.code_offset, vocab.num_codes, tok_meta["grid"],
                              load_tokenizer(tokenizer_dir), seed=cfg.seed)
-    mix = TaskMix(weights=dict(cfg.tasks), cond_dropout=cfg.cond_dropout)
+    mix = TaskMix(weights=dict(cfg.tasks), cond_dropout=cfg.cond_dropout, max_qa=cfg.get("max_qa", 12))
     if cfg.arm == "fusion":
         sources, extra = (str(codes / "train"), str(codes / "val")), {}
     else:  # the adapter reads the image shards the codes were made from: same keys, same order
