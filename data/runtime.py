@@ -67,6 +67,16 @@ def cli(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     return wrapper
 
 
+def config_from_dict(cls, d: dict, what: str):
+    """A config dataclass from a plain dict, refusing keys it does not know (a typo must not pass silently)."""
+    import dataclasses
+
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} config keys: {sorted(unknown)}")
+    return cls(**d)
+
+
 def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -156,7 +166,8 @@ class ScheduledTraining:
         import torch
 
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):  # gradients are already all-reduced
+        # one device sync per step, not one per tensor; gradients are already all-reduced across ranks
+        if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
             for g in optimizer.param_groups:
                 for p in g["params"]:
                     p.grad = None  # AdamW leaves parameters without gradients untouched

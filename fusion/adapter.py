@@ -8,12 +8,12 @@ the same shards) and is frozen by a learning rate of 0 unless configured otherwi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from data.runtime import UserError
+from data.runtime import UserError, config_from_dict
 
 # CLIP's normalisation constants: right for a pretrained CLIP tower, harmless for ours
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -34,10 +34,7 @@ class TowerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TowerConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown tower config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "tower")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -9,13 +9,13 @@ per-modality losses are ours. The decoder takes `input_ids` (early fusion) or `i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.runtime import UserError
+from data.runtime import UserError, config_from_dict
 
 
 @dataclass
@@ -46,10 +46,7 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecoderConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown decoder config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "decoder")
 
     def hf_config(self, vocab_size: int):
         from transformers import LlamaConfig, Qwen3Config

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data.runtime import UserError, write_json
+from data.runtime import UserError, cli, write_json
 
 PY = sys.executable
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=Path, default=Path("bench/runs/scaling"))
     args = ap.parse_args(argv)
     if not (args.codes / "train").is_dir():
-        raise SystemExit(f"error: no code shards at {args.codes}/train (run tokenizer.pretokenize first)")
+        raise UserError(f"no code shards at {args.codes}/train (run tokenizer.pretokenize first)")
     common = [f"codes={args.codes}", f"trainer.max_steps={args.steps}", "trainer.precision=32-true",
               "trainer.val_check_interval=100000", "trainer.log_every_n_steps=5", "samples.count=0", "seed=0"]
     one, two = args.runs / "one", args.runs / "two"
@@ -100,10 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from data.runtime import UserError as _E
-
-    try:
-        sys.exit(main())
-    except _E as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli(main)(None))

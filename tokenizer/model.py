@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
+
+from data.runtime import config_from_dict
 
 
 @dataclass
@@ -63,11 +65,7 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenizerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown tokenizer config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "tokenizer")
 
 
 def _groups(c: int) -> int:
