@@ -11,6 +11,7 @@ Targets (issue 3): MFU >= 35 %, KV-cache speed-up >= 5x for one image. Writes be
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -61,7 +62,7 @@ def train_speed(model: str, vocab_size: int, seq_len: int, batch: int, precision
             "non_embedding_params": cfg.non_embedding_params()}
 
 
-def sample_speed(model: str, vocab: MultimodalVocab, repeats: int = 3) -> dict:
+def sample_speed(model: str, vocab: MultimodalVocab, repeats: int = 5) -> dict:
     torch.manual_seed(0)
     dec = Decoder(preset(model, 512), vocab.size).eval()
     gen = Generator(dec, vocab)
@@ -113,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.parts.split(","))
     vocab = bench_vocab()
     peaks = cpu_matmul_peaks(seconds=1.0)
-    report = {"model": args.model, "threads": torch.get_num_threads(),
-              "peak_gflops": {k: round(v, 1) for k, v in peaks.items()}}
+    name = "fusion.json" if args.model == "tiny" else f"fusion_{args.model}.json"
+    # a run of some parts updates those parts of an earlier report and keeps the rest
+    report = json.loads((args.out / name).read_text()) if (args.out / name).exists() else {}
+    report.update({"model": args.model, "threads": torch.get_num_threads(),
+                   "peak_gflops": {k: round(v, 1) for k, v in peaks.items()}})
     # the training default (batch 2) and a larger batch, in both precisions
     if "train" in parts:
         report["train"] = [train_speed(args.model, vocab.size, 512, b, p, args.steps, peaks)
@@ -125,17 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         report["sample"] = sample_speed(args.model, vocab)
     if args.codes and "loader" in parts:
         report["loader"] = loader_speed(args.codes, vocab)
-    name = "fusion.json" if args.model == "tiny" else f"fusion_{args.model}.json"
     write_json(args.out / name, report)
-    for t in report.get("train", []):
+    for t in report.get("train", []) if "train" in parts else []:
         print(f"train {t['precision']:10} batch {t['batch']} {t['tokens_per_s']:6} tokens/s  {t['gflops_per_s']:6} GFLOP/s  "
               f"MFU {t['mfu']:.0%} of its precision's peak, {t['mfu_vs_bf16_peak']:.0%} of the bf16 peak")
     s = report.get("sample")
-    if s:
+    if s and "sample" in parts:
         print(f"sample: batch 1 {s['batch1_cache']['image_tokens_per_s']} image tokens/s with cache, "
               f"{s['batch1_no_cache']['image_tokens_per_s']} without (x{s['kv_cache_speedup_batch1']}); "
               f"batch 16 {s['batch16_cache']['image_tokens_per_s']}")
-    if "loader" in report:
+    if "loader" in report and "loader" in parts:
         print(f"loader: {report['loader']}")
     print(f"peaks: {report['peak_gflops']} GFLOP/s -> {args.out / name}")
     return 0

@@ -4,7 +4,8 @@ A row is in text mode or inside an image span. In text mode image codes cannot a
 only where images are allowed); inside a span the layout decides every position: a code, <eol>
 at each row end, <eoi> after the last row, so every image has exactly H x W codes. Classifier-free
 guidance mixes the logits of an unconditional stream (the prompt replaced by an empty one, as in
-training's condition dropout) at image-code positions. A KV cache is used unless switched off.
+training's condition dropout) at image-code positions. A KV cache is used unless switched off: the lean
+static one of fusion/kvcache.py for Llama / Qwen3 decoders, transformers' DynamicCache for others.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers import DynamicCache
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
+from fusion import kvcache
 from fusion.vocab import MultimodalVocab
 
 TEXT, CODE, EOL, EOI, DONE = range(5)
@@ -48,12 +50,12 @@ class Generator:
         masks[DONE, v.pad] = True
         masks[TEXT, v.placeholder] = False
         self.masks = masks
-        self.newline = torch.tensor([("\n" in v.decode_text([i])) for i in range(v.text_size)] + [False] * (V - v.text_size))
+        self.newline = {i for i in range(v.text_size) if "\n" in v.decode_text([i])}  # ids that end a VQA answer
 
     def _device(self):
         return next(self.decoder.parameters()).device
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], sc: SamplingConfig, seed: int = 0,
                  uncond_prompts: list[list[int]] | None = None,
                  images: list[list[torch.Tensor]] | None = None) -> list[list[int]]:
@@ -70,39 +72,29 @@ class Generator:
         ids, attn = _left_pad(streams, self.vocab.pad, dev)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         warpers = _warpers(sc)
-        state = torch.full((B,), TEXT, dtype=torch.long)
-        span_pos = torch.zeros(B, dtype=torch.long)  # tokens emitted since <boi>
-        n_images = torch.zeros(B, dtype=torch.long)
-        # rows whose prompt already opened an image span (a text-to-image prompt ends in <boi>)
-        for r, p in enumerate(prompts):
-            if p[-1] == self.vocab.boi:
-                state[r] = self._kind(span_pos[r])
+        # per row: its mode, tokens emitted since <boi>, images finished; a text-to-image prompt ends
+        # in <boi>, so its row starts inside the span
+        state = [self._kind(0) if p[-1] == self.vocab.boi else TEXT for p in prompts]
+        span_pos, n_images = [0] * B, [0] * B
         out = [[] for _ in range(B)]
-        cache = DynamicCache() if sc.use_cache else None
-        step_ids, full_ids, full_attn = ids, ids, attn
         prefix_embeds = self._prefix_embeds(ids, images) if images else None  # adapter: features at placeholders
+        step_ids, step_attn = ids, attn
+        if sc.use_cache and kvcache.supported(self.decoder.lm):  # the lean path (fusion/kvcache.py)
+            runner = kvcache.StaticKVCache(self.decoder.lm, len(streams), ids.shape[1] + sc.max_new_tokens)
+        else:  # transformers' forward, with its DynamicCache or recomputing everything (the reference)
+            runner = TransformersRunner(self.decoder, sc.use_cache)
         for step in range(sc.max_new_tokens):
-            if (state == DONE).all():
+            if all(st == DONE for st in state):
                 break
-            pos = (full_attn.cumsum(-1) - 1).clamp_min(0)
-            if sc.use_cache:
-                inputs = {"inputs_embeds": prefix_embeds} if step == 0 and prefix_embeds is not None else {"input_ids": step_ids}
-                logits = self.decoder.lm(**inputs, attention_mask=full_attn, position_ids=pos[:, -step_ids.shape[1]:],
-                                         past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            else:
-                inputs = {"input_ids": full_ids}
-                if prefix_embeds is not None:
-                    new = self.decoder.embed_tokens(full_ids[:, prefix_embeds.shape[1]:])
-                    inputs = {"inputs_embeds": torch.cat([prefix_embeds, new], dim=1)}
-                logits = self.decoder.lm(**inputs, attention_mask=full_attn, position_ids=pos,
-                                         use_cache=False, logits_to_keep=1).logits[:, -1]
+            logits = runner.forward(step_attn, step_ids, prefix_embeds if step == 0 else None)
             logits = logits.float().cpu()
             cond = logits[:B]
+            rows = torch.tensor(state)
             if guided:
                 uncond = logits[B:]
-                mix = (state == CODE).unsqueeze(1)
+                mix = (rows == CODE).unsqueeze(1)
                 cond = torch.where(mix, uncond + sc.cfg_scale * (cond - uncond), cond)
-            allowed = self.masks[state].clone()
+            allowed = self.masks[rows]
             if not sc.allow_images:
                 allowed[:, self.vocab.boi] = False
             cond = cond.masked_fill(~allowed, float("-inf"))
@@ -111,16 +103,14 @@ class Generator:
             else:
                 probs = torch.softmax(warpers(None, cond), dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-            for r in range(B):
+            for r, t in enumerate(nxt.tolist()):
                 if state[r] != DONE:
-                    out[r].append(int(nxt[r]))
-            state, span_pos, n_images = self._advance(state, span_pos, n_images, nxt, sc)
-            step = nxt.to(dev).unsqueeze(1)
+                    out[r].append(t)
+                    self._advance(r, t, state, span_pos, n_images, sc)
+            step_ids = nxt.to(dev).unsqueeze(1)
             if guided:
-                step = torch.cat([step, step])
-            full_attn = torch.cat([full_attn, torch.ones_like(step)], dim=1)
-            full_ids = torch.cat([full_ids, step], dim=1)
-            step_ids = step
+                step_ids = torch.cat([step_ids, step_ids])
+            step_attn = torch.ones_like(step_ids)
         return out
 
     def _prefix_embeds(self, ids: torch.Tensor, images: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -133,31 +123,52 @@ class Generator:
         feats = self.image_encoder(torch.stack(flat).to(ids.device).float() / 255)
         return insert_image_features(embeds, ids, self.vocab.placeholder, feats)
 
-    def _kind(self, span_pos: torch.Tensor) -> int:
-        kind = self.vocab.layout.kind_at(int(span_pos) + 1)
-        return {"code": CODE, "eol": EOL, "eoi": EOI}[kind]
+    def _kind(self, span_pos: int) -> int:
+        """The mode after `span_pos` tokens of an image span: what the layout puts next."""
+        return {"code": CODE, "eol": EOL, "eoi": EOI}[self.vocab.layout.kind_at(span_pos + 1)]
 
-    def _advance(self, state, span_pos, images, nxt, sc: SamplingConfig):
+    def _advance(self, r: int, t: int, state: list, span_pos: list, images: list, sc: SamplingConfig) -> None:
+        """Row r just emitted token t: move its state machine on (in place)."""
         v = self.vocab
-        state, span_pos, images = state.clone(), span_pos.clone(), images.clone()
-        for r in range(len(state)):
-            t = int(nxt[r])
-            if state[r] == DONE:
-                continue
-            if state[r] == TEXT:
-                if t == v.eos or (sc.stop_at_newline and bool(self.newline[t])):
-                    state[r] = DONE
-                elif t == v.boi:
-                    span_pos[r] = 0
-                    state[r] = self._kind(span_pos[r])
-                continue
-            span_pos[r] += 1
-            if t == v.eoi:
-                images[r] += 1
-                state[r] = DONE if sc.max_images and images[r] >= sc.max_images else TEXT
-            else:
-                state[r] = self._kind(span_pos[r])
-        return state, span_pos, images
+        if state[r] == TEXT:
+            if t == v.eos or (sc.stop_at_newline and t in self.newline):
+                state[r] = DONE
+            elif t == v.boi:
+                span_pos[r] = 0
+                state[r] = self._kind(0)
+            return
+        span_pos[r] += 1
+        if t == v.eoi:
+            images[r] += 1
+            state[r] = DONE if sc.max_images and images[r] >= sc.max_images else TEXT
+        else:
+            state[r] = self._kind(span_pos[r])
+
+
+class TransformersRunner:
+    """transformers' own forward, with its DynamicCache or (use_cache off) recomputing the whole sequence
+    at every step: the reference the lean cache is tested against, and the path for other architectures."""
+
+    def __init__(self, decoder, use_cache: bool):
+        self.decoder, self.cache = decoder, DynamicCache() if use_cache else None
+        self.ids = self.attn = self.prefix = None
+
+    def forward(self, attn: torch.Tensor, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None):
+        lm = self.decoder.lm
+        self.attn = attn if self.attn is None else torch.cat([self.attn, attn], dim=1)
+        pos = (self.attn.cumsum(-1) - 1).clamp_min(0)
+        if self.cache is not None:
+            inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+            return lm(**inputs, attention_mask=self.attn, position_ids=pos[:, -input_ids.shape[1]:],
+                      past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.ids = input_ids if self.ids is None else torch.cat([self.ids, input_ids], dim=1)
+        self.prefix = inputs_embeds if self.prefix is None else self.prefix
+        inputs = {"input_ids": self.ids}
+        if self.prefix is not None:  # adapter: the prompt's features, then the embeddings of what came since
+            new = self.decoder.embed_tokens(self.ids[:, self.prefix.shape[1]:])
+            inputs = {"inputs_embeds": torch.cat([self.prefix, new], dim=1)}
+        return lm(**inputs, attention_mask=self.attn, position_ids=pos, use_cache=False,
+                  logits_to_keep=1).logits[:, -1]
 
 
 def _warpers(sc: SamplingConfig) -> LogitsProcessorList:

@@ -82,7 +82,7 @@ def test_cfg_unconditional_stream_differs_and_changes_samples(setup):
     torch.manual_seed(1)
     dec = tiny_decoder(vocab, init_std=0.5)  # a random model whose outputs depend on the prompt
     seen = []
-    hook = dec.lm.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    hook = dec.embed_tokens.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
     try:
         sc = SamplingConfig(temperature=1.0, cfg_scale=3.0, max_new_tokens=vocab.layout.span_len)
         guided = Generator(dec, vocab).generate(t2i_prompts(vocab)[:2], sc, seed=5)
@@ -116,3 +116,48 @@ def test_stop_at_newline(setup):
         sc = SamplingConfig(temperature=0, allow_images=False, stop_at_newline=True, max_new_tokens=30)
         outs = Generator(dec, vocab).generate([[vocab.bos, *vocab.encode_text("Q: What? A:")]], sc)
     assert outs[0][-1] == newline[0] and newline[0] not in outs[0][:-1]
+
+
+@pytest.mark.parametrize("texts", [("A red circle.", "Two objects on a grey background."), ("A red circle.",)],
+                         ids=["left_padded", "one_row"])
+@pytest.mark.parametrize("kw", [dict(qk_norm=True), dict(qk_norm=False), dict(num_kv_heads=1)],
+                         ids=["qwen3_qk_norm", "llama", "grouped_kv"])
+def test_lean_kv_cache_logits_equal_transformers_full_forward(kw, texts):
+    """fusion/kvcache.py re-implements the block for speed: every step's logits must be transformers' own,
+    for left-padded rows of different lengths, a multi-token prefill and single-token steps."""
+    from fusion.kvcache import StaticKVCache, supported
+    from fusion.generate import _left_pad
+
+    torch.manual_seed(3)
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    dec = tiny_decoder(vocab, init_std=0.3, **kw)
+    assert supported(dec.lm)
+    rows = [[vocab.bos, *vocab.encode_text(p)] for p in texts]
+    ids, attn = _left_pad(rows, vocab.pad, "cpu")
+    B = len(rows)
+    kv = StaticKVCache(dec.lm, batch=B, max_len=ids.shape[1] + 5)
+    got = [kv.forward(attn, ids)]
+    for _ in range(5):
+        nxt = torch.randint(0, vocab.size, (B, 1))
+        ids, attn = torch.cat([ids, nxt], 1), torch.cat([attn, torch.ones_like(nxt)], 1)
+        got.append(kv.forward(torch.ones_like(nxt), nxt))
+    # the reference: transformers' forward over the whole padded sequence, no cache
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    full = dec.lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+    want = full[:, -6:]
+    torch.testing.assert_close(torch.stack(got, 1), want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="longer than the cache"):
+        kv.forward(torch.ones(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long))
+
+
+def test_transformers_dynamic_cache_fallback_matches_full_recompute(setup, monkeypatch):
+    """Architectures the lean cache does not know run on transformers' DynamicCache: same tokens."""
+    import fusion.kvcache
+
+    vocab, dec = setup
+    monkeypatch.setattr(fusion.kvcache, "supported", lambda lm: False)
+    prompts = [[vocab.bos, *vocab.encode_text(p)] for p in PROMPTS]
+    sc = dict(temperature=0, allow_images=True, max_images=1, max_new_tokens=30)
+    with_cache = Generator(dec, vocab).generate(prompts, SamplingConfig(**sc, use_cache=True))
+    without = Generator(dec, vocab).generate(prompts, SamplingConfig(**sc, use_cache=False))
+    assert with_cache == without
