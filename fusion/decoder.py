@@ -34,10 +34,17 @@ class DecoderConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     init_from: str | None = None  # a local pretrained causal LM directory to start from
+    # 2-D positions: a learned row and a learned column embedding added to each image code's input, so a
+    # code knows where in the grid it sits (1-D RoPE alone puts vertical neighbours a row apart). Needs
+    # `image_layout` (MultimodalVocab.image_layout(): boi id, code id range, grid, row length).
+    image_pos_embed: bool = False
+    image_layout: dict | None = None
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.image_pos_embed and not self.image_layout:
+            raise ValueError("image_pos_embed needs image_layout (the vocabulary's boi id, code range and grid)")
         self.num_kv_heads = self.num_kv_heads or self.num_heads
         self.intermediate_size = self.intermediate_size or int(self.hidden_size * 8 / 3) // 32 * 32
 
@@ -94,15 +101,46 @@ class Decoder(nn.Module):
             hf = cfg.hf_config(vocab_size)
             self.lm = (Qwen3ForCausalLM if cfg.qk_norm else LlamaForCausalLM)(hf)
         self.embed_dropout = nn.Dropout(cfg.embed_dropout)
+        if cfg.image_pos_embed:  # index 0: not an image code (kept at zero)
+            grid = cfg.image_layout["grid"]
+            self.image_rows = nn.Embedding(grid + 1, cfg.hidden_size, padding_idx=0)
+            self.image_cols = nn.Embedding(grid + 1, cfg.hidden_size, padding_idx=0)
+            for e in (self.image_rows, self.image_cols):
+                nn.init.normal_(e.weight, std=cfg.init_std)
+                e.weight.data[0].zero_()
 
     @property
     def embed_tokens(self) -> nn.Embedding:
         return self.lm.get_input_embeddings()
 
+    def grid_cells(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[..., T, 2]: each image code's (row + 1, column + 1) in its image, 0 for every other token.
+
+        Read off the sequence itself: a code's place is its distance from the last <boi> before it
+        (rows are `row_len` long, the <eol> included). Whole sequences only; a sampler feeding one
+        token at a time passes the cells it knows instead (fusion/generate.py).
+        """
+        lay = self.cfg.image_layout
+        idx = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        last_boi = torch.where(input_ids == lay["boi"], idx, -1).cummax(-1).values
+        body = idx - last_boi - 1
+        row, col = body.div(lay["row_len"], rounding_mode="floor"), body % lay["row_len"]
+        code = ((input_ids >= lay["code_offset"]) & (input_ids < lay["code_offset"] + lay["num_codes"])
+                & (last_boi >= 0) & (row < lay["grid"]) & (col < lay["grid"]))
+        return torch.stack([torch.where(code, row + 1, 0), torch.where(code, col + 1, 0)], dim=-1)
+
+    def embed(self, input_ids: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings: the token's, plus its grid cell's when 2-D positions are on."""
+        x = self.embed_tokens(input_ids)
+        if self.cfg.image_pos_embed:
+            cells = self.grid_cells(input_ids) if cells is None else cells
+            x = x + self.image_rows(cells[..., 0]) + self.image_cols(cells[..., 1])
+        return x
+
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, past_key_values=None,
                 use_cache: bool = False, logits_to_keep: int = 0):
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+            inputs_embeds = self.embed(input_ids)
         inputs_embeds = self.embed_dropout(inputs_embeds)
         return self.lm(inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=past_key_values,
                        use_cache=use_cache, logits_to_keep=logits_to_keep)

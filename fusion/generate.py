@@ -77,8 +77,9 @@ class Generator:
         state = [self._kind(0) if p[-1] == self.vocab.boi else TEXT for p in prompts]
         span_pos, n_images = [0] * B, [0] * B
         out = [[] for _ in range(B)]
-        prefix_embeds = self._prefix_embeds(ids, images) if images else None  # adapter: features at placeholders
-        step_ids, step_attn = ids, attn
+        # the prompt's input embeddings (the adapter's carry image features at the placeholders)
+        embeds = self._prefix_embeds(ids, images) if images else self.decoder.embed(ids)
+        step_attn = attn
         if sc.use_cache and kvcache.supported(self.decoder.lm):  # the lean path (fusion/kvcache.py)
             runner = kvcache.StaticKVCache(self.decoder.lm, len(streams), ids.shape[1] + sc.max_new_tokens)
         else:  # transformers' forward, with its DynamicCache or recomputing everything (the reference)
@@ -86,7 +87,7 @@ class Generator:
         for step in range(sc.max_new_tokens):
             if all(st == DONE for st in state):
                 break
-            logits = runner.forward(step_attn, step_ids, prefix_embeds if step == 0 else None)
+            logits = runner.forward(step_attn, embeds)
             logits = logits.float().cpu()
             cond = logits[:B]
             rows = torch.tensor(state)
@@ -103,13 +104,17 @@ class Generator:
             else:
                 probs = torch.softmax(warpers(None, cond), dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            cells = [(0, 0)] * B  # where each new token sits in its image (2-D position embeddings)
             for r, t in enumerate(nxt.tolist()):
                 if state[r] != DONE:
                     out[r].append(t)
                     self._advance(r, t, state, span_pos, n_images, sc)
-            step_ids = nxt.to(dev).unsqueeze(1)
+                    if self.vocab.is_code(t):
+                        cells[r] = self.vocab.layout.cell(span_pos[r])
+            step_ids, cells = nxt.to(dev).unsqueeze(1), torch.tensor(cells, device=dev).unsqueeze(1)
             if guided:
-                step_ids = torch.cat([step_ids, step_ids])
+                step_ids, cells = torch.cat([step_ids, step_ids]), torch.cat([cells, cells])
+            embeds = self.decoder.embed(step_ids, cells)
             step_attn = torch.ones_like(step_ids)
         return out
 
@@ -150,25 +155,19 @@ class TransformersRunner:
     at every step: the reference the lean cache is tested against, and the path for other architectures."""
 
     def __init__(self, decoder, use_cache: bool):
-        self.decoder, self.cache = decoder, DynamicCache() if use_cache else None
-        self.ids = self.attn = self.prefix = None
+        self.lm, self.cache = decoder.lm, DynamicCache() if use_cache else None
+        self.embeds = self.attn = None
 
-    def forward(self, attn: torch.Tensor, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None):
-        lm = self.decoder.lm
+    def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Append a chunk (attn [B, T], its input embeddings [B, T, h]); the last column's logits [B, V]."""
         self.attn = attn if self.attn is None else torch.cat([self.attn, attn], dim=1)
         pos = (self.attn.cumsum(-1) - 1).clamp_min(0)
         if self.cache is not None:
-            inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-            return lm(**inputs, attention_mask=self.attn, position_ids=pos[:, -input_ids.shape[1]:],
-                      past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        self.ids = input_ids if self.ids is None else torch.cat([self.ids, input_ids], dim=1)
-        self.prefix = inputs_embeds if self.prefix is None else self.prefix
-        inputs = {"input_ids": self.ids}
-        if self.prefix is not None:  # adapter: the prompt's features, then the embeddings of what came since
-            new = self.decoder.embed_tokens(self.ids[:, self.prefix.shape[1]:])
-            inputs = {"inputs_embeds": torch.cat([self.prefix, new], dim=1)}
-        return lm(**inputs, attention_mask=self.attn, position_ids=pos, use_cache=False,
-                  logits_to_keep=1).logits[:, -1]
+            return self.lm(inputs_embeds=inputs_embeds, attention_mask=self.attn, position_ids=pos[:, -attn.shape[1]:],
+                           past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.embeds = inputs_embeds if self.embeds is None else torch.cat([self.embeds, inputs_embeds], dim=1)
+        return self.lm(inputs_embeds=self.embeds, attention_mask=self.attn, position_ids=pos, use_cache=False,
+                       logits_to_keep=1).logits[:, -1]
 
 
 def _warpers(sc: SamplingConfig) -> LogitsProcessorList:

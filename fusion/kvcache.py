@@ -71,10 +71,10 @@ class StaticKVCache:
         self.len, self.padded = 0, True
 
     @torch.inference_mode()
-    def forward(self, attn: torch.Tensor, input_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Append a chunk [B, T] (attn: 1 = real token, 0 = left padding); return the last column's logits [B, V]."""
-        x = self.lm.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Append a chunk (attn [B, T]: 1 = real token, 0 = left padding; its input embeddings [B, T, h]);
+        return the last column's logits [B, V]."""
+        x = inputs_embeds
         B, T, _ = x.shape
         t0, t1 = self.len, self.len + T
         if t1 > self.max_len:

@@ -107,7 +107,12 @@ def optim_config(t: DictConfig) -> dict:
 
 def build_module(cfg: DictConfig, vocab: MultimodalVocab, run_dir: Path) -> FusionModule:
     """Both arms build the decoder first from the same seed, so they start from identical weights."""
-    common = dict(decoder=OmegaConf.to_container(cfg.decoder, resolve=True), vocab_size=vocab.size,
+    decoder = OmegaConf.to_container(cfg.decoder, resolve=True)
+    if cfg.arm == "fusion" and decoder.get("image_pos_embed"):  # where the vocabulary puts codes on the grid
+        decoder["image_layout"] = vocab.image_layout()
+    else:  # the adapter's sequences hold no codes: nothing to place
+        decoder["image_pos_embed"], decoder["image_layout"] = False, None
+    common = dict(decoder=decoder, vocab_size=vocab.size,
                   vocab_fingerprint=vocab.fingerprint(), optim=optim_config(cfg.train),
                   loss=OmegaConf.to_container(cfg.loss, resolve=True), seq_len=cfg.seq_len)
     if cfg.arm == "fusion":

@@ -41,6 +41,12 @@ class ImageLayout:
             return "eoi"
         return "eol" if self.row_separator and body % self.row_len == self.grid else "code"
 
+    def cell(self, offset: int) -> tuple[int, int]:
+        """(row + 1, column + 1) of the code `offset` tokens after <boi>; (0, 0) where no code stands."""
+        if self.kind_at(offset) != "code":
+            return (0, 0)
+        return ((offset - 1) // self.row_len + 1, (offset - 1) % self.row_len + 1)
+
 
 class MultimodalVocab:
     """Text ids [0, T), specials [T, T+S), image codes [T+S, T+S+K)."""
@@ -65,6 +71,11 @@ class MultimodalVocab:
         return self.text_tokenizer.decode([i for i in ids if i < self.text_size], skip_special_tokens=True)
 
     # ------------------------------------------------------------ images
+    def image_layout(self) -> dict:
+        """What the decoder needs to place image codes on the grid (DecoderConfig.image_layout)."""
+        return {"boi": self.boi, "code_offset": self.code_offset, "num_codes": self.num_codes,
+                "grid": self.layout.grid, "row_len": self.layout.row_len}
+
     def is_code(self, ids):
         ids = np.asarray(ids)
         return (ids >= self.code_offset) & (ids < self.size)

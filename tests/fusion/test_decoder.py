@@ -39,3 +39,40 @@ def test_seeding_is_deterministic():
     for d in (a, b):
         seed_code_embeddings(d, vocab.code_offset, vocab.num_codes, vocab.layout.grid, TwoColourTokenizer())
     assert torch.equal(a.embed_tokens.weight, b.embed_tokens.weight)
+
+
+def test_grid_cells_place_every_code_of_every_image_in_a_packed_sequence():
+    """2-D position embeddings: each code gets its (row + 1, column + 1); text, specials and padding get 0."""
+    from fusion.sequences import Segment, pack, tokenize
+    from tests.fusion.helpers import random_codes
+
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    dec = tiny_decoder(vocab, image_pos_embed=True, image_layout=vocab.image_layout())
+    images = [random_codes(vocab, seed=s) for s in range(3)]
+    docs = [tokenize(vocab, [Segment.txt("A red circle."), Segment.img(images[0])]),
+            tokenize(vocab, [Segment.img(images[1]), Segment.txt("Q: What? A: yes"), Segment.img(images[2])])]
+    ids = torch.from_numpy(pack(docs, 128, vocab.pad).input_ids)
+    cells = dec.grid_cells(ids[None])[0]
+    is_code = vocab.is_code(ids)
+    assert torch.equal(cells[~is_code], torch.zeros_like(cells[~is_code]))
+    placed = cells[is_code].view(3, 16, 2)  # three images of 4 x 4, in reading order
+    want = torch.tensor([(r + 1, c + 1) for r in range(4) for c in range(4)])
+    for i in range(3):
+        assert torch.equal(placed[i], want)
+    # the sampler's one-token-at-a-time view agrees with the whole-sequence one
+    offsets = range(1, vocab.layout.span_len)
+    assert [vocab.layout.cell(o) for o in offsets if vocab.layout.kind_at(o) == "code"] == [tuple(w) for w in want.tolist()]
+
+
+def test_image_pos_embed_is_refused_without_a_layout_and_saved_with_the_model(tmp_path):
+    import pytest
+
+    from fusion.decoder import DecoderConfig
+
+    with pytest.raises(ValueError, match="image_layout"):
+        DecoderConfig(image_pos_embed=True)
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    dec = tiny_decoder(vocab, image_pos_embed=True, image_layout=vocab.image_layout())
+    cfg = DecoderConfig.from_dict(dec.cfg.to_dict())
+    assert cfg.image_layout == vocab.image_layout() and cfg.image_pos_embed
+    assert {"image_rows.weight", "image_cols.weight"} <= set(dec.state_dict())

@@ -136,18 +136,18 @@ def test_lean_kv_cache_logits_equal_transformers_full_forward(kw, texts):
     ids, attn = _left_pad(rows, vocab.pad, "cpu")
     B = len(rows)
     kv = StaticKVCache(dec.lm, batch=B, max_len=ids.shape[1] + 5)
-    got = [kv.forward(attn, ids)]
+    got = [kv.forward(attn, dec.embed(ids))]
     for _ in range(5):
         nxt = torch.randint(0, vocab.size, (B, 1))
         ids, attn = torch.cat([ids, nxt], 1), torch.cat([attn, torch.ones_like(nxt)], 1)
-        got.append(kv.forward(torch.ones_like(nxt), nxt))
+        got.append(kv.forward(torch.ones_like(nxt), dec.embed(nxt)))
     # the reference: transformers' forward over the whole padded sequence, no cache
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
     full = dec.lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
     want = full[:, -6:]
     torch.testing.assert_close(torch.stack(got, 1), want, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="longer than the cache"):
-        kv.forward(torch.ones(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long))
+        kv.forward(torch.ones(B, 1, dtype=torch.long), dec.embed(torch.zeros(B, 1, dtype=torch.long)))
 
 
 def test_transformers_dynamic_cache_fallback_matches_full_recompute(setup, monkeypatch):
@@ -161,3 +161,23 @@ def test_transformers_dynamic_cache_fallback_matches_full_recompute(setup, monke
     with_cache = Generator(dec, vocab).generate(prompts, SamplingConfig(**sc, use_cache=True))
     without = Generator(dec, vocab).generate(prompts, SamplingConfig(**sc, use_cache=False))
     assert with_cache == without
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_sampler_places_codes_where_the_full_forward_does(use_cache):
+    """With 2-D position embeddings the sampler tells the model each new code's grid cell; the cells must
+    be the ones Decoder.grid_cells reads off the finished sequence: greedy sampling then equals the
+    argmax of one full forward over the result, code by code."""
+    torch.manual_seed(2)
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    dec = tiny_decoder(vocab, init_std=0.5, image_pos_embed=True, image_layout=vocab.image_layout())
+    dec.image_rows.weight.data *= 20  # make the grid cell decide: a wrong cell would change the argmax
+    prompt = [vocab.bos, *vocab.encode_text("A picture of a red circle."), vocab.boi]
+    out = Generator(dec, vocab).generate([prompt], SamplingConfig(temperature=0, max_new_tokens=vocab.layout.span_len,
+                                                                  use_cache=use_cache))[0]
+    full = torch.tensor([prompt + out])
+    logits = dec(input_ids=full, position_ids=torch.arange(full.shape[1])[None]).logits[0]
+    for i, tok in enumerate(out):
+        if vocab.is_code(tok):
+            at = len(prompt) - 1 + i  # the logits that chose out[i]
+            assert int(logits[at, vocab.code_offset:].argmax()) + vocab.code_offset == tok
