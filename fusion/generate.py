@@ -84,7 +84,7 @@ class Generator:
             runner = kvcache.StaticKVCache(self.decoder.lm, len(streams), ids.shape[1] + sc.max_new_tokens)
         else:  # transformers' forward, with its DynamicCache or recomputing everything (the reference)
             runner = TransformersRunner(self.decoder, sc.use_cache)
-        for step in range(sc.max_new_tokens):
+        for _ in range(sc.max_new_tokens):
             if all(st == DONE for st in state):
                 break
             logits = runner.forward(step_attn, embeds)
@@ -108,8 +108,9 @@ class Generator:
             for r, t in enumerate(nxt.tolist()):
                 if state[r] != DONE:
                     out[r].append(t)
+                    was_code = state[r] == CODE
                     self._advance(r, t, state, span_pos, n_images, sc)
-                    if self.vocab.is_code(t):
+                    if was_code:
                         cells[r] = self.vocab.layout.cell(span_pos[r])
             step_ids, cells = nxt.to(dev).unsqueeze(1), torch.tensor(cells, device=dev).unsqueeze(1)
             if guided:

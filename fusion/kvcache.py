@@ -4,8 +4,8 @@ At the demo size transformers' forward costs ~4.5 ms per generated token on this
 per-call overhead (mask building, cache bookkeeping, ~40 small ops per layer) around ~10 MFLOP of
 arithmetic. This runs the same Llama / Qwen3 block -- RMSNorm, fused QKV, QK-norm when the model has it,
 RoPE from the model's own rotary table, SDPA, SwiGLU -- on a fixed-size cache written in place, as
-gpt-fast and litgpt do. It reads the weights of the live model (nothing is copied but the fused QKV and
-gate/up matrices) and is checked against transformers' full forward in tests/fusion/test_generate.py.
+gpt-fast and litgpt do. It reads the weights of the live model (nothing is copied but the fused QKV,
+gate/up and stacked QK-norm weights) and is checked against transformers' full forward in tests/fusion/test_generate.py.
 Other architectures (a pretrained `init_from` of another family) fall back to transformers' DynamicCache.
 """
 
