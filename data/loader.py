@@ -25,6 +25,8 @@ class ImageTransform:
 
     resolution: int
     crop: int | None = None
+    crop_step: int = 1  # crop offsets are multiples of this (a patch tokenizer's patch size keeps its grid)
+    crop_tries: int = 1  # draw this many crops and keep the busiest (largest pixel variance): fewer flat crops
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         r = self.resolution
@@ -38,8 +40,14 @@ class ImageTransform:
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
         if self.crop and self.crop < r:
             rng = rng or random
-            top, left = rng.randrange(r - self.crop + 1), rng.randrange(r - self.crop + 1)
-            x = x[:, top:top + self.crop, left:left + self.crop]
+            n, best = (r - self.crop) // self.crop_step + 1, None
+            for _ in range(max(1, self.crop_tries)):
+                top, left = self.crop_step * rng.randrange(n), self.crop_step * rng.randrange(n)
+                c = x[:, top:top + self.crop, left:left + self.crop]
+                busy = float(c.float().var(dim=(1, 2)).sum()) if self.crop_tries > 1 else 0.0
+                if best is None or busy > best[0]:
+                    best = (busy, c)
+            x = best[1]
         return x
 
 

@@ -86,11 +86,17 @@ def write_json(path: Path, obj: Any) -> None:
 
 # ---------------------------------------------------------------- optimisation
 
-def warmup_cosine(step: int, warmup: int, progress: float, min_ratio: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine from 1 to `min_ratio` as progress goes 0 -> 1."""
+def warmup_cosine(step: int, warmup: int, progress: float, min_ratio: float, schedule: str = "cosine",
+                  decay_frac: float = 0.2) -> float:
+    """Linear warm-up over `warmup` steps, then, as progress goes 0 -> 1, either cosine from 1 to `min_ratio`
+    or warmup-stable-decay ("wsd": 1 until the last `decay_frac` of training, then linear to `min_ratio`)."""
     if step < warmup:
         return (step + 1) / warmup
     t = min(1.0, max(0.0, progress))
+    if schedule == "wsd":
+        return 1.0 if t < 1 - decay_frac else 1 - (1 - min_ratio) * (t - (1 - decay_frac)) / max(decay_frac, 1e-9)
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be cosine or wsd, got {schedule!r}")
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -182,9 +188,50 @@ class ScheduledTraining:
         print(f"warning: {why} at step {self.global_step}; step skipped ({self.skipped_steps} so far)", flush=True)
 
 
+def _muon_adamw():
+    import torch
+
+    class MuonAdamW(torch.optim.Optimizer):
+        """Muon (torch.optim.Muon, orthogonalised momentum) on the transformer blocks' 2-D matrices and AdamW
+        on everything else (embeddings, head, norms), as one optimizer so one LR schedule drives both. The
+        groups are the inner optimizers' own dicts, so the scheduler's LR reaches them. Muon's update is scaled
+        to AdamW's RMS ("match_rms_adamw", Moonlight), so both take the same base LR."""
+
+        def __init__(self, muon_groups: list[dict], adamw_groups: list[dict], lr: float, betas, momentum: float):
+            self.muon = torch.optim.Muon(muon_groups, lr=lr, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+            self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas)
+            super().__init__(self.muon.param_groups + self.adamw.param_groups, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self.muon.step()
+            self.adamw.step()
+            return loss
+
+        def state_dict(self):
+            return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+        def load_state_dict(self, state_dict):
+            self.muon.load_state_dict(state_dict["muon"])
+            self.adamw.load_state_dict(state_dict["adamw"])
+
+    return MuonAdamW
+
+
+def is_muon_matrix(name: str, p) -> bool:
+    """The hidden matrices Muon is for: 2-D weights inside the transformer blocks (not embeddings or the head)."""
+    return p.ndim == 2 and ".layers." in name
+
+
 def adamw_with_schedule(named_params, o: dict, max_steps: int, lr_scale: dict[str, float] | None = None,
                         stages: list[dict] | None = None):
-    """AdamW (weight decay only on tensors with >= 2 dims, as nanoGPT) with linear warm-up + cosine decay.
+    """AdamW (weight decay only on tensors with >= 2 dims, as nanoGPT) with linear warm-up + cosine decay
+    (or warmup-stable-decay: o["schedule"] = "wsd"). With o["optimizer"] = "muon", the transformer blocks'
+    2-D matrices are trained by Muon instead (see MuonAdamW).
 
     `lr_scale` maps a parameter-name prefix to a multiplier of the base LR; 0 freezes those parameters
     for the whole run. `stages` ([{"until": 0.2, "lr_scale": {"decoder": 0}}, ...]) multiply further
@@ -194,16 +241,23 @@ def adamw_with_schedule(named_params, o: dict, max_steps: int, lr_scale: dict[st
     import torch
 
     prefixes = sorted({*(lr_scale or {}), *(k for st in stages or [] for k in st["lr_scale"])}, key=len, reverse=True)
-    groups: dict[tuple[str, bool], list] = {}
+    muon = o.get("optimizer", "adamw") == "muon"
+    if o.get("optimizer", "adamw") not in ("adamw", "muon"):
+        raise ValueError(f"optimizer must be adamw or muon, got {o.get('optimizer')!r}")
+    groups: dict[tuple[str, bool, bool], list] = {}
     for name, p in named_params:
         prefix = next((k for k in prefixes if name.startswith(k)), "")
         if (lr_scale or {}).get(prefix, 1.0) == 0:
             p.requires_grad_(False)
         if p.requires_grad:
-            groups.setdefault((prefix, p.ndim >= 2), []).append(p)
-    keys = list(groups)
-    opt = torch.optim.AdamW([{"params": groups[k], "weight_decay": o["weight_decay"] if k[1] else 0.0} for k in keys],
-                            lr=o["lr"], betas=tuple(o["betas"]))
+            groups.setdefault((prefix, p.ndim >= 2, muon and is_muon_matrix(name, p)), []).append(p)
+    keys = [k for k in groups if not k[2]] if not muon else [k for k in groups if k[2]] + [k for k in groups if not k[2]]
+    as_group = lambda k: {"params": groups[k], "weight_decay": o["weight_decay"] if k[1] else 0.0}
+    if muon:
+        opt = _muon_adamw()([as_group(k) for k in keys if k[2]], [as_group(k) for k in keys if not k[2]],
+                            lr=o["lr"], betas=tuple(o["betas"]), momentum=o.get("muon_momentum", 0.95))
+    else:
+        opt = torch.optim.AdamW([as_group(k) for k in keys], lr=o["lr"], betas=tuple(o["betas"]))
     total = max_steps if max_steps and max_steps > 0 else o.get("total_steps", 10_000)
     clock = ScheduleClock(total, o["warmup_steps"], o.get("time_budget_s"), o.get("flops_budget"))
 
@@ -212,11 +266,11 @@ def adamw_with_schedule(named_params, o: dict, max_steps: int, lr_scale: dict[st
             progress = clock.progress(step)
             stage = next((st for st in stages or [] if progress < st["until"]), None)
             extra = stage["lr_scale"].get(prefix, 1.0) if stage else 1.0
-            return warmup_cosine(step, o["warmup_steps"], progress, o["min_lr_ratio"]) * \
-                (lr_scale or {}).get(prefix, 1.0) * extra
+            return warmup_cosine(step, o["warmup_steps"], progress, o["min_lr_ratio"], o.get("schedule", "cosine"),
+                                 o.get("decay_frac", 0.2)) * (lr_scale or {}).get(prefix, 1.0) * extra
         return f
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(prefix) for prefix, _ in keys])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(k[0]) for k in keys])
     return clock, {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

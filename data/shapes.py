@@ -10,6 +10,7 @@ anti-aliasing, in exact palette colours.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -148,6 +149,16 @@ class WorldConfig:
             raise ValueError(f"unknown colours/shapes in world config: {unknown}")
         self.colours, self.shapes = tuple(self.colours), tuple(self.shapes)
         self.heldout = tuple(tuple(p) for p in self.heldout)
+
+
+def world_of(data_cfg) -> WorldConfig | None:
+    """The shapes world a Hydra data config describes (its `world` node), or None for other data."""
+    if data_cfg.get("name") != "shapes" or data_cfg.get("world") is None:
+        return None
+    from omegaconf import OmegaConf
+
+    world = data_cfg.world
+    return WorldConfig(**(OmegaConf.to_container(world, resolve=True) if OmegaConf.is_config(world) else dict(world)))
 
 
 def scene_rng(cfg: WorldConfig, split: str, index: int) -> random.Random:
@@ -362,3 +373,27 @@ def make_sample(cfg: WorldConfig, split: str, index: int) -> dict:
         "meta": {"split": split, "index": index, "caption": cap, "width": scene.resolution,
                  "height": scene.resolution, "scene": scene.to_json(), "qa": questions(scene, rng)},
     }
+
+
+def description_entropy(cfg: WorldConfig) -> float:
+    """Entropy, in nats, of everything a full caption (template 0) fixes about a training scene: the
+    background, how many objects, each one's colour, shape, size and cell, and the word and its cell.
+
+    Exact, from `sample_scene`'s own draws: n objects ~ U{min..max}; text with probability text_prob in one more
+    cell; the occupied cells an ordered sample of 9, of which the description keeps the set of object cells and
+    the text's cell; per object a (colour, shape) pair uniform over those not held out, and a size. No image can
+    carry more caption information than this (the sub-cell jitter is not described, so it is not counted).
+    """
+    pairs = len(cfg.colours) * len(cfg.shapes) - len({p for p in cfg.heldout
+                                                       if p[0] in cfg.colours and p[1] in cfg.shapes})
+    words = len(words_for(cfg.resolution))
+    ns = range(cfg.min_objects, cfg.max_objects + 1)
+    h = math.log(len(ns)) + math.log(len(cfg.backgrounds))
+    for t, pt in ((0, 1 - cfg.text_prob), (1, cfg.text_prob)):
+        if pt == 0:
+            continue
+        h -= pt * math.log(pt)
+        for n in ns:  # log of 1 / P(these object cells, this text cell) = log C(9, n) + t log(9 - n)
+            h += pt / len(ns) * (math.log(math.comb(9, n)) + t * math.log(9 - n) + n * math.log(pairs * len(SIZES))
+                                 + t * math.log(words))
+    return h

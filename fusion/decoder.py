@@ -9,7 +9,7 @@ per-modality losses are ours. The decoder takes `input_ids` (early fusion) or `i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +39,39 @@ class DecoderConfig:
     # `image_layout` (MultimodalVocab.image_layout(): boi id, code id range, grid, row length).
     image_pos_embed: bool = False
     image_layout: dict | None = None
+    # What an image code brings besides its own learned row. Each feature listed is a fixed vector per code,
+    # and a learned projection of it is added to the code's input embedding (and, with `code_head`, to its
+    # row of the output head), so codes that share a level or look alike share parameters from the first step:
+    #   "levels": the code's FSQ level in each dimension, one-hot (`code_levels`): factorised embeddings,
+    #             one learned vector per (dimension, level), summed;
+    #   "pixels": the code's decoded patch (`code_pixel_dim` numbers), what the code looks like.
+    # Both are reparametrisations of plain tables: `plain_tables()` folds them in (an export writes those).
+    code_features: list[str] = field(default_factory=list)
+    code_levels: list[int] | None = None
+    code_pixel_dim: int | None = None
+    code_head: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.image_pos_embed and not self.image_layout:
             raise ValueError("image_pos_embed needs image_layout (the vocabulary's boi id, code range and grid)")
+        self.code_features = list(self.code_features)
+        unknown = set(self.code_features) - {"levels", "pixels"}
+        if unknown:
+            raise ValueError(f"decoder.code_features: unknown {sorted(unknown)}; known: levels, pixels")
+        if (self.code_features or self.code_head) and not self.image_layout:
+            raise ValueError("code_features and code_head need image_layout (the vocabulary's code range)")
+        if self.code_head and not self.code_features:
+            raise ValueError("code_head needs code_features to tie the head's code rows to")
+        if "levels" in self.code_features:
+            if not self.code_levels:
+                raise ValueError("code_features=[levels] needs an FSQ image tokenizer (code_levels)")
+            if math.prod(self.code_levels) != self.image_layout["num_codes"]:
+                raise ValueError(f"code_features=[levels]: FSQ levels {list(self.code_levels)} make "
+                                 f"{math.prod(self.code_levels)} codes, the vocabulary has {self.image_layout['num_codes']}")
+        if "pixels" in self.code_features and not self.code_pixel_dim:
+            raise ValueError("code_features=[pixels] needs code_pixel_dim (the decoded patch's size)")
         self.num_kv_heads = self.num_kv_heads or self.num_heads
         self.intermediate_size = self.intermediate_size or int(self.hidden_size * 8 / 3) // 32 * 32
 
@@ -108,6 +135,13 @@ class Decoder(nn.Module):
             for e in (self.image_rows, self.image_cols):
                 nn.init.normal_(e.weight, std=cfg.init_std)
                 e.weight.data[0].zero_()
+        if cfg.code_features:
+            from torch.nn.utils import parametrize
+
+            feats = code_feature_buffers(cfg)
+            parametrize.register_parametrization(self.embed_tokens, "weight", CodeRows(cfg, feats))
+            if cfg.code_head:
+                parametrize.register_parametrization(self.lm.lm_head, "weight", CodeRows(cfg, feats))
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -129,8 +163,22 @@ class Decoder(nn.Module):
                 & (last_boi >= 0) & (row < lay["grid"]) & (col < lay["grid"]))
         return torch.stack([torch.where(code, row + 1, 0), torch.where(code, col + 1, 0)], dim=-1)
 
+    def set_code_pixels(self, pixels: torch.Tensor) -> None:
+        """Fill the "pixels" code features [num_codes, code_pixel_dim] (fusion.train: the decoded patches)."""
+        for module in (self.embed_tokens, self.lm.lm_head):
+            rows = code_rows(module)
+            if rows is not None and "pixels" in rows.features:
+                rows.features["pixels"].copy_(pixels.to(rows.features["pixels"]))
+
+    @torch.no_grad()
+    def plain_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input embedding table, output head weight) with the code features folded into the code rows: a
+        decoder without code features holding these tables computes the same function (what an export writes)."""
+        return self.embed_tokens.weight.detach().clone(), self.lm.lm_head.weight.detach().clone()
+
     def embed(self, input_ids: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
-        """Input embeddings: the token's, plus its grid cell's when 2-D positions are on."""
+        """Input embeddings: the token's (code features included, see CodeRows), plus its grid cell's when
+        2-D positions are on."""
         x = self.embed_tokens(input_ids)
         if self.cfg.image_pos_embed:
             cells = self.grid_cells(input_ids) if cells is None else cells
@@ -146,11 +194,87 @@ class Decoder(nn.Module):
                        use_cache=use_cache, logits_to_keep=logits_to_keep)
 
 
+def fsq_digits(levels: list[int]) -> torch.Tensor:
+    """[prod(levels), len(levels)]: for each FSQ code index, its level in each dimension, offset into one
+    flat table of sum(levels) rows (vector-quantize-pytorch's FSQ: index = sum of level_d * prod(levels[:d]))."""
+    idx = torch.arange(math.prod(levels))
+    basis = torch.tensor([math.prod(levels[:d]) for d in range(len(levels))])
+    digits = (idx[:, None] // basis) % torch.tensor(levels)
+    offsets = torch.tensor([sum(levels[:d]) for d in range(len(levels))])
+    return digits + offsets
+
+
+def code_feature_buffers(cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    """The fixed per-code feature vectors the config asks for; "pixels" start at zero until set_code_pixels."""
+    k = cfg.image_layout["num_codes"]
+    feats = {}
+    if "levels" in cfg.code_features:
+        onehot = torch.zeros(k, sum(cfg.code_levels))
+        onehot.scatter_(1, fsq_digits(cfg.code_levels), 1.0)
+        feats["levels"] = onehot
+    if "pixels" in cfg.code_features:
+        feats["pixels"] = torch.zeros(k, cfg.code_pixel_dim)
+    return feats
+
+
+class CodeRows(nn.Module):
+    """A parametrisation of a [vocab, hidden] table (input embeddings or output head): its image-code rows
+    become the learned rows plus learned linear projections of fixed per-code features. Each projection is
+    initialised so that its output has about the table's own init scale."""
+
+    def __init__(self, cfg: DecoderConfig, features: dict[str, torch.Tensor]):
+        super().__init__()
+        self.offset, self.count = cfg.image_layout["code_offset"], cfg.image_layout["num_codes"]
+        self.names = list(features)
+        for n, f in features.items():
+            self.register_buffer(f"feature_{n}", f.clone())  # saved with the weights: fixed, not trained
+        self.proj = nn.ModuleDict({n: nn.Linear(f.shape[1], cfg.hidden_size, bias=False) for n, f in features.items()})
+        for n, f in features.items():
+            # levels: one-hot, len(levels) ones per code; pixels: standardised, ~1 per number
+            norm2 = len(cfg.code_levels) if n == "levels" else f.shape[1]
+            nn.init.normal_(self.proj[n].weight, std=cfg.init_std / math.sqrt(norm2))
+
+    @property
+    def features(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, f"feature_{n}") for n in self.names}
+
+    def forward(self, table: torch.Tensor) -> torch.Tensor:
+        rows = sum(self.proj[n](f.to(self.proj[n].weight.dtype)) for n, f in self.features.items())
+        a, b = self.offset, self.offset + self.count
+        return torch.cat([table[:a], table[a:b] + rows.to(table.dtype), table[b:]])
+
+
+def code_rows(module: nn.Module) -> CodeRows | None:
+    """The CodeRows parametrising `module.weight`, if any."""
+    params = getattr(module, "parametrizations", None)
+    return params["weight"][0] if params is not None and "weight" in params else None
+
+
+@torch.no_grad()
+def code_pixel_features(tokenizer, num_codes: int, batch: int = 256) -> torch.Tensor:
+    """[num_codes, f * f * 3]: what each code looks like: the image tokenizer's decoder on a grid filled with the
+    code, the patch at the grid's centre, standardised per number over codes (flat codes decode exactly to
+    their colour; edge codes to their piece of a shape)."""
+    g, f = tokenizer.cfg.grid, tokenizer.cfg.downsample
+    c = g // 2
+    out = []
+    for chunk in torch.arange(num_codes).split(batch):
+        images = tokenizer.decode(chunk.view(-1, 1, 1).expand(-1, g, g).contiguous())
+        out.append(images[:, :, c * f:(c + 1) * f, c * f:(c + 1) * f].flatten(1).float())
+    x = torch.cat(out)
+    return (x - x.mean(0)) / (x.std(0) + 1e-3)
+
+
 def lm_losses(logits: torch.Tensor, labels: torch.Tensor, modality: torch.Tensor, z_loss: float,
-              image_weight: float = 1.0, text_weight: float = 1.0) -> dict[str, torch.Tensor]:
+              image_weight: float = 1.0, text_weight: float = 1.0, balance: str = "token") -> dict[str, torch.Tensor]:
     """Next-token losses from logits [b, t, V]; labels [b, t] hold the target of each position
     (-100 = no loss); modality [b, t] is 0 for text targets, 1 for image targets.
 
+    balance "token": every target token counts once, times its modality's weight (the total is a per-token
+    loss when both weights are 1), so ~40 image codes per picture outweigh a one-token answer.
+    balance "modality": text and image cross-entropies are averaged separately, then mixed by the weights
+    (DALL-E's 1 : 7 text : image), so the answers' share of the gradient no longer depends on how many
+    image tokens a batch holds.
     Returns the weighted total, the text and image cross-entropies (per token) and the z-loss.
     """
     logits = logits.float()
@@ -163,8 +287,13 @@ def lm_losses(logits: torch.Tensor, labels: torch.Tensor, modality: torch.Tensor
     text_ce = (ce * ~is_image).sum() / n_txt.clamp_min(1)
     lse = torch.logsumexp(flat_logits, dim=-1)
     zl = z_loss * (lse ** 2).mean() if z_loss else lse.new_zeros(())
-    # token-weighted mix, so the total is a per-token loss when both weights are 1
-    total = (image_weight * (ce * is_image).sum() + text_weight * (ce * ~is_image).sum()) / mask.sum().clamp_min(1)
+    if balance == "modality":
+        wi, wt = image_weight * (n_img > 0), text_weight * (n_txt > 0)
+        total = (wi * image_ce + wt * text_ce) / (wi + wt).clamp_min(1e-9)
+    elif balance == "token":
+        total = (image_weight * (ce * is_image).sum() + text_weight * (ce * ~is_image).sum()) / mask.sum().clamp_min(1)
+    else:
+        raise ValueError(f"loss balance must be token or modality, got {balance!r}")
     return {"loss": total + zl, "text_ce": text_ce, "image_ce": image_ce, "z_loss": zl,
             "text_tokens": n_txt, "image_tokens": n_img}
 

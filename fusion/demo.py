@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 PY = sys.executable
+# Budgets in steps, not minutes, so two runs on one machine give the same figures (wall time varies by machine).
+TOKENIZER_STEPS = 3000
+DECODER_STEPS = 3000
 
 
 def stage(name: str, done: Path, module: str, *args: str) -> float:
@@ -32,22 +35,28 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fusion.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/demo"))
     ap.add_argument("--data", type=Path, default=Path("artifacts/shapes"))
-    ap.add_argument("--tokenizer-min", type=float, default=5.0, help="tokenizer training budget (minutes)")
-    ap.add_argument("--decoder-min", type=float, default=9.0, help="decoder training budget (minutes)")
+    ap.add_argument("--tokenizer-steps", type=int, default=TOKENIZER_STEPS, help="tokenizer training budget (steps)")
+    ap.add_argument("--decoder-steps", type=int, default=DECODER_STEPS, help="decoder training budget (steps)")
+    ap.add_argument("--decoder-min", type=float, default=None,
+                    help="train the decoder for this many minutes instead of --decoder-steps (wall clock: "
+                         "the figures then vary with the machine)")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     out, data = args.out, args.data
     tok, codes, dec, ev, smp = out / "tokenizer", out / "codes", out / "decoder", out / "evaluation", out / "samples"
     t0, times = time.time(), {}
     times["data"] = stage("shapes world", data / "_manifest.json", "data.build", f"data.root={data}")
     times["tokenizer"] = stage("tokenizer", tok / "tokenizer" / "config.json", "tokenizer.train", f"data.root={data}",
-                               f"run_dir={tok}", f"train.time_budget_min={args.tokenizer_min}", "resume=auto")
+                               f"run_dir={tok}", "train.time_budget_min=null", f"trainer.max_steps={args.tokenizer_steps}",
+                               f"seed={args.seed}", "resume=auto")
     times["tokenizer_eval"] = stage("tokenizer evaluation", tok / "test_metrics.json", "tokenizer.evaluate",
                                     f"tokenizer_dir={tok / 'tokenizer'}", f"data.root={data}", f"run_dir={tok}", "split=test")
     times["codes"] = stage("code shards", codes / "_report.json", "tokenizer.pretokenize",
                            f"tokenizer_dir={tok / 'tokenizer'}", f"data.root={data}", f"out={codes}")
+    budget = ([f"train.time_budget_min={args.decoder_min}", "trainer.max_steps=1000000"] if args.decoder_min
+              else [f"trainer.max_steps={args.decoder_steps}"])
     times["decoder"] = stage("decoder", dec / "model" / "decoder.json", "fusion.train", f"codes={codes}",
-                             f"data.root={data}", f"run_dir={dec}", f"train.time_budget_min={args.decoder_min}",
-                             "trainer.max_steps=1000000", "resume=auto")
+                             f"data.root={data}", f"run_dir={dec}", *budget, f"seed={args.seed}", "resume=auto")
     times["evaluation"] = stage("evaluation", ev / "evaluation.json", "fusion.evaluate", f"model_dir={dec / 'model'}",
                                 f"codes={codes}", f"data.root={data}", f"run_dir={ev}")
     times["samples"] = stage("samples", smp / "samples.json", "fusion.sample", f"model_dir={dec / 'model'}",
@@ -68,6 +77,9 @@ def print_summary(out: Path, tok: Path, dec: Path, ev: Path, smp: Path, times: d
         "", "=" * 100, "demo summary (held-out test scenes)",
         f"tokenizer (test)      PSNR {tm['psnr']:.2f} dB  SSIM {tm['ssim']:.3f}  code usage {tm['code_usage']:.0%}  "
         f"({tm['tokens_per_image']} tokens per image)",
+        f"tokenizer codes       H(code | its patch's pixels) {tm['code_given_patch_nats']:.2f} nats  codes per flat colour "
+        + ", ".join(str(n) for n in tm["codes_per_flat_patch"].values())
+        + (f"  ceiling (judge on reconstructions) {tm['ceiling']['pass_rate']:.0%}" if "ceiling" in tm else ""),
         summary_table(report),
         f"decoder training      {train['steps']} steps, {train['tokens_per_s']:.0f} tokens/s, {train['precision']}, "
         f"{train['non_embedding_params'] / 1e6:.1f}M non-embedding parameters",

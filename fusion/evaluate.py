@@ -9,6 +9,7 @@ PNG grids (one row per prompt type) next to it.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.grid import save_grid, to_pil
 from data.runtime import UserError, cli, run_dir_of, save_resolved_config, write_json
-from data.shapes import WorldConfig
+from data.shapes import Scene, WorldConfig, caption, description_entropy
 from fusion.checkpoint import Bundle, load_bundle
 from data.loader import ImageTransform
 from data.shards import iter_samples
@@ -28,7 +29,7 @@ from fusion.data import iter_code_samples
 from fusion.decoder import lm_losses
 from fusion.documents import qa_prompt
 from fusion.generate import Generator, SamplingConfig
-from fusion.judge import PROMPT_TYPES, make_prompts, score
+from data.judge import PROMPT_TYPES, make_prompts, score
 from fusion.sequences import Packer, Segment, tokenize
 
 
@@ -101,12 +102,12 @@ def teacher_forced(bundle: Bundle, docs: list[list[Segment]], seq_len: int, batc
     ce_sum = right = n = 0.0
     for i in range(0, len(packed), batch_size):
         chunk = packed[i:i + batch_size]
-        batch = {k: torch.stack([torch.from_numpy(getattr(p, k)) for p in chunk])
+        batch = {k: torch.stack([torch.from_numpy(getattr(p, k)) for p in chunk]).to(_device(dec))
                  for k in ("input_ids", "labels", "position_ids", "modality")}
         inputs = {"input_ids": batch["input_ids"]}
         images = [im for p in chunk for im in p.images]
         if images:
-            feats = bundle.image_encoder(torch.stack(images).float() / 255)
+            feats = bundle.image_encoder(torch.stack(images).to(_device(dec)).float() / 255)
             inputs = {"inputs_embeds": insert_image_features(dec.embed_tokens(batch["input_ids"]), batch["input_ids"],
                                                              v.placeholder, feats)}
         logits = dec(**inputs, position_ids=batch["position_ids"]).logits.float()
@@ -120,29 +121,70 @@ def teacher_forced(bundle: Bundle, docs: list[list[Segment]], seq_len: int, batc
     return {"ce": ce, "perplexity": math.exp(min(ce, 50)), "token_accuracy": right / max(n, 1), "tokens": int(n)}
 
 
-def generation_scores(bundle: Bundle, world: WorldConfig, n_per_type: int, sc: SamplingConfig, out_dir: Path,
-                      seed: int = 0, batch_size: int = 16) -> dict:
+def _device(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def caption_gain(bundle: Bundle, samples: list[dict], seq_len: int, world: WorldConfig | None = None) -> dict:
+    """What the caption is worth to the image, in nats per image: the teacher-forced image cross-entropy
+    (summed over the image's tokens) under another scene's caption minus under the image's own, and under
+    the empty caption minus under its own. A model that ignores its prompt scores ~0.
+
+    On the shapes world the captions are rewritten in the template that names everything (size, colour,
+    shape and cell of every object, the background, the word), and the gain is set beside the entropy of
+    what such a caption fixes (`data.shapes.description_entropy`), the most any model can gain.
+    """
+    if len(samples) < 2:
+        raise ValueError("caption_gain needs at least two samples (one's caption is another's wrong caption)")
+    if world is not None and all(s["meta"].get("scene") for s in samples):
+        captions = [caption(Scene.from_json(s["meta"]["scene"]), random.Random(0), template=0) for s in samples]
+    else:
+        captions = [s["caption"] for s in samples]
+    others = captions[1:] + captions[:1]  # each image with its neighbour's caption
+    per_image = {}
+    for name, caps in (("own", captions), ("other", others), ("empty", [""] * len(samples))):
+        r = teacher_forced(bundle, [[Segment.txt(c, loss=False), Segment.img(s["image"])] for c, s in zip(caps, samples)],
+                           seq_len)
+        per_image[name] = r["ce"] * r["tokens"] / len(samples)
+    out = {"own_nats": per_image["own"], "other_nats": per_image["other"], "empty_nats": per_image["empty"],
+           "gain": per_image["other"] - per_image["own"], "gain_vs_empty": per_image["empty"] - per_image["own"],
+           "images": len(samples)}
+    if world is not None:
+        out["bound"] = description_entropy(world)
+        out["fraction_of_bound"] = out["gain"] / out["bound"]
+    return out
+
+
+def generate_images(bundle: Bundle, texts: list[str], sc: SamplingConfig, resolution: int, seed: int = 0,
+                    batch_size: int = 16) -> tuple[list, int, float]:
+    """Text-to-image for each prompt text: (PIL images, image tokens sampled, seconds)."""
     v, gen = bundle.vocab, Generator(bundle.decoder, bundle.vocab)
-    prompts = make_prompts(world, "test", n_per_type)
     images, t, tokens = [], time.perf_counter(), 0
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        ids = [[v.bos, *v.encode_text(p.text), v.boi] for p in chunk]
+    for i in range(0, len(texts), batch_size):
+        ids = [[v.bos, *v.encode_text(text), v.boi] for text in texts[i:i + batch_size]]
         for g in gen.generate(ids, sc, seed=seed + i):
             tokens += len(g)
             try:
                 codes = torch.from_numpy(v.decode_image([v.boi, *g]))[None]
                 images.append(to_pil(bundle.tokenizer.decode(codes)[0]))
             except ValueError:  # cannot happen under the grid constraint; counted as a failure if it does
-                images.append(to_pil(torch.zeros(3, world.resolution, world.resolution)))
-    elapsed = time.perf_counter() - t
+                images.append(to_pil(torch.zeros(3, resolution, resolution)))
+    return images, tokens, time.perf_counter() - t
+
+
+def generation_scores(bundle: Bundle, world: WorldConfig, n_per_type: int, sc: SamplingConfig, out_dir: Path | None,
+                      seed: int = 0, split: str = "test") -> dict:
+    """The judge on images drawn for `n_per_type` prompts of each type; a PNG grid (a row per type) in out_dir."""
+    prompts = make_prompts(world, split, n_per_type)
+    images, tokens, elapsed = generate_images(bundle, [p.text for p in prompts], sc, world.resolution, seed)
     result = score(images, prompts)
-    rows = [[im for im, p in zip(images, prompts) if p.type == kind][:12] for kind in PROMPT_TYPES]
-    grid = save_grid(rows, out_dir / "generation_grid.png", scale=3)
-    (out_dir / "generation_prompts.txt").write_text(
-        "\n".join(f"{p.type}\t{p.text}" for p in prompts) + "\n")
-    return {**result, "grid": str(grid), "image_tokens_per_s": round(tokens / elapsed, 1),
-            "cfg_scale": sc.cfg_scale, "temperature": sc.temperature, "top_k": sc.top_k}
+    out = {**result, "image_tokens_per_s": round(tokens / elapsed, 1), "cfg_scale": sc.cfg_scale,
+           "temperature": sc.temperature, "top_k": sc.top_k}
+    if out_dir is not None:
+        rows = [[im for im, p in zip(images, prompts) if p.type == kind][:12] for kind in PROMPT_TYPES]
+        out["grid"] = str(save_grid(rows, out_dir / "generation_grid.png", scale=3))
+        (out_dir / "generation_prompts.txt").write_text("\n".join(f"{p.type}\t{p.text}" for p in prompts) + "\n")
+    return out
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
@@ -160,6 +202,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         if bundle.arm == "fusion":
             report[f"image_given_caption_{split}"] = teacher_forced(
                 bundle, [[Segment.txt(s["caption"], loss=False), Segment.img(s["image"])] for s in samples], cfg.seq_len)
+            report[f"caption_gain_{split}"] = caption_gain(bundle, samples, cfg.seq_len, world)
     if bundle.arm == "adapter":
         report["generation"] = None  # the adapter baseline reads images but cannot write them
     elif cfg.generation.per_type > 0:
@@ -184,10 +227,18 @@ def summary_table(report: dict) -> str:
     cap = report.get("caption_test")
     if cap:
         lines.append(f"caption (test)        perplexity {cap['perplexity']:.2f}  token accuracy {cap['token_accuracy']:.0%}")
+    gain = report.get("caption_gain_test")
+    if gain:
+        bound = f" of a {gain['bound']:.1f}-nat bound ({gain['fraction_of_bound']:.0%})" if "bound" in gain else ""
+        lines.append(f"caption gain (test)   {gain['gain']:.1f} nats per image{bound}; "
+                     f"{gain['gain_vs_empty']:.1f} vs the empty caption")
     gen = report.get("generation")
     if gen:
         lines.append("generation judge      " + "  ".join(f"{k} {v:.0%}" for k, v in gen["per_type"].items())
                      + f"  | all {gen['pass_rate']:.0%}")
+        if gen.get("attributes"):
+            lines.append("judge attributes      " + "  ".join(f"{k} {v:.0%}" for k, v in gen["attributes"].items())
+                         + "  (each asked attribute right on its own)")
         lines.append(f"sampling              {gen['image_tokens_per_s']:.0f} image tokens/s (batch 16, KV cache)")
     return "\n".join(lines)
 

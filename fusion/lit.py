@@ -32,7 +32,8 @@ class FusionModule(ScheduledTraining, L.LightningModule):
         out = self.decoder(**self.inputs(batch), position_ids=batch["position_ids"])
         l = self.hparams.loss
         return lm_losses(out.logits, batch["labels"], batch["modality"], self.decoder.cfg.z_loss,
-                         image_weight=l["image_weight"], text_weight=l["text_weight"])
+                         image_weight=l["image_weight"], text_weight=l["text_weight"],
+                         balance=l.get("balance", "token"))
 
     def training_step(self, batch, batch_idx):
         self.data_stats.merge(batch["stats"])

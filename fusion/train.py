@@ -8,6 +8,7 @@ train_summary.json.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -23,13 +24,16 @@ from data.loader import ImageTransform, in_order, make_loader, train_loader
 from data.runtime import (UserError, audit_callback, checkpoint_callbacks, cli, env_is_rank_zero, make_trainer, resume_checkpoint, run_dir_of, save_resolved_config,
                           throughput_monitor, write_json)
 from data.shards import ReadStats
+from data.shapes import world_of
 from fusion.checkpoint import save_bundle
+from fusion.curves import CurveConfig, LearningCurves
 from fusion.data import iter_code_samples, sequence_stages
 from fusion.documents import TaskMix
 from fusion.generate import Generator, SamplingConfig
 from fusion.lit import AdapterModule, FusionModule
 from fusion.vocab import ImageLayout, MultimodalVocab, load_text_tokenizer, train_text_tokenizer
 from tokenizer.checkpoint import load_tokenizer, read_tokenizer_meta
+from tokenizer.model import TokenizerConfig
 from tokenizer.pretokenize import TOKENIZER_META
 
 
@@ -101,17 +105,27 @@ class SampleGrid(Callback):
 
 def optim_config(t: DictConfig) -> dict:
     return {"lr": t.lr, "betas": list(t.betas), "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps,
-            "min_lr_ratio": t.min_lr_ratio, "time_budget_s": 60 * t.time_budget_min if t.get("time_budget_min") else None,
+            "min_lr_ratio": t.min_lr_ratio, "optimizer": t.get("optimizer", "adamw"),
+            "muon_momentum": t.get("muon_momentum", 0.95), "schedule": t.get("schedule", "cosine"),
+            "decay_frac": t.get("decay_frac", 0.2), "time_budget_s": 60 * t.time_budget_min if t.get("time_budget_min") else None,
             "flops_budget": float(t.flops_budget) if t.get("flops_budget") else None}
 
 
-def build_module(cfg: DictConfig, vocab: MultimodalVocab, run_dir: Path) -> FusionModule:
+def build_module(cfg: DictConfig, vocab: MultimodalVocab, run_dir: Path, tok_config: dict) -> FusionModule:
     """Both arms build the decoder first from the same seed, so they start from identical weights."""
     decoder = OmegaConf.to_container(cfg.decoder, resolve=True)
-    if cfg.arm == "fusion" and decoder.get("image_pos_embed"):  # where the vocabulary puts codes on the grid
+    if cfg.arm == "fusion":  # where the vocabulary puts codes on the grid, and what an FSQ code is made of
         decoder["image_layout"] = vocab.image_layout()
+        if "levels" in decoder.get("code_features", []):
+            if tok_config.get("quantizer") != "fsq":
+                raise UserError(f"decoder.code_features=[levels] needs an FSQ image tokenizer; this one is "
+                                f"{tok_config.get('quantizer')!r} (drop levels from decoder.code_features)")
+            decoder["code_levels"] = list(tok_config["fsq_levels"])
+        if "pixels" in decoder.get("code_features", []):
+            decoder["code_pixel_dim"] = 3 * TokenizerConfig.from_dict(tok_config).downsample ** 2  # one patch, RGB
     else:  # the adapter's sequences hold no codes: nothing to place
-        decoder["image_pos_embed"], decoder["image_layout"] = False, None
+        decoder.update(image_pos_embed=False, image_layout=None, code_features=[], code_levels=None,
+                       code_pixel_dim=None, code_head=False)
     common = dict(decoder=decoder, vocab_size=vocab.size,
                   vocab_fingerprint=vocab.fingerprint(), optim=optim_config(cfg.train),
                   loss=OmegaConf.to_container(cfg.loss, resolve=True), seq_len=cfg.seq_len)
@@ -145,7 +159,11 @@ def train(cfg: DictConfig) -> dict:
         if env_is_rank_zero():
             vocab.save(run_dir / "vocab")
     t = cfg.train
-    module = build_module(cfg, vocab, run_dir)
+    module = build_module(cfg, vocab, run_dir, tok_meta["config"])
+    if cfg.arm == "fusion" and "pixels" in module.decoder.cfg.code_features:
+        from fusion.decoder import code_pixel_features
+
+        module.decoder.set_code_pixels(code_pixel_features(load_tokenizer(tokenizer_dir), vocab.num_codes))
     if cfg.arm == "fusion" and cfg.get("seed_code_embeddings"):
         from fusion.decoder import seed_code_embeddings
 
@@ -167,6 +185,12 @@ def train(cfg: DictConfig) -> dict:
                  throughput_monitor(length_fn=lambda b: b["input_ids"].numel())]
     if cfg.arm == "fusion":  # the adapter cannot write images
         callbacks.append(SampleGrid(vocab, tokenizer_dir, captions, run_dir / "samples", sc))
+        curves = CurveConfig(**OmegaConf.to_container(cfg.curves, resolve=True)) if cfg.get("curves") else None
+        if curves and (curves.gain_images or curves.vqa_images or curves.judge_per_type):
+            n = max(curves.gain_images, curves.vqa_images)
+            held = list(itertools.islice(iter_code_samples(str(codes / "val"), tok_meta["grid"], tok_meta["num_codes"]), n))
+            callbacks.append(LearningCurves(vocab, load_tokenizer(tokenizer_dir), held, cfg.seq_len,
+                                            t.batch_size * cfg.seq_len, world_of(cfg.data), run_dir, curves))
     if cfg.get("audit"):
         callbacks.append(audit_callback(run_dir))
     overrides = {"max_time": {"seconds": int(60 * t.time_budget_min)}} if t.get("time_budget_min") else {}

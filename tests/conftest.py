@@ -69,9 +69,11 @@ def shapes_root(tmp_path_factory) -> Path:
 
 
 # a 12x12-code tokenizer that trains in seconds (f = 4 at 48 px), shared by the tokenizer and fusion tests
-TINY_TOKENIZER = ["tokenizer.channels=[8,8,16]", "tokenizer.z_channels=16", "tokenizer.codebook_size=64",
-                  "train.batch_size=8", "train.val_batch_size=16", "train.val_batches=2", "train.warmup_steps=5",
-                  "train.num_workers=0", "trainer.max_steps=12", "trainer.val_check_interval=6"]
+TINY_TRAINING = ["train.batch_size=8", "train.val_batch_size=16", "train.val_batches=2", "train.warmup_steps=5",
+                 "train.num_workers=0", "trainer.max_steps=12", "trainer.val_check_interval=6"]
+# (a VQ codebook and a conv encoder: the other quantizer and encoder than the defaults, so both stay tested)
+TINY_TOKENIZER = ["tokenizer.channels=[8,8,16]", "tokenizer.z_channels=16", "quantizer=vq", "tokenizer.codebook_size=64",
+                  "tokenizer.encoder=conv", *TINY_TRAINING]
 
 
 @pytest.fixture(scope="session")
@@ -86,5 +88,20 @@ def tiny_tokenizer(shapes_root, tmp_path_factory) -> Path:
 def tiny_codes(tiny_tokenizer, shapes_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("codes") / "codes"
     run_module("tokenizer.pretokenize", f"tokenizer_dir={tiny_tokenizer / 'tokenizer'}", f"data.root={shapes_root}",
+               f"out={out}", "workers=1")
+    return out
+
+
+# a patch-local FSQ tokenizer (f = 4, 4 x 4 x 4 = 64 codes): the encoder and quantizer the demo's recipe uses
+TINY_FSQ_TOKENIZER = ["tokenizer.channels=[8,8,16]", "tokenizer.z_channels=16", "tokenizer.encoder=patch",
+                      "tokenizer.patch_hidden=32", "quantizer=fsq", "tokenizer.fsq_levels=[4,4,4]", *TINY_TRAINING]
+
+
+@pytest.fixture(scope="session")
+def tiny_fsq_codes(shapes_root, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("fsqtok") / "run"
+    run_module("tokenizer.train", f"data.root={shapes_root}", f"run_dir={run}", *TINY_FSQ_TOKENIZER)
+    out = tmp_path_factory.mktemp("fsqcodes") / "codes"
+    run_module("tokenizer.pretokenize", f"tokenizer_dir={run / 'tokenizer'}", f"data.root={shapes_root}",
                f"out={out}", "workers=1")
     return out

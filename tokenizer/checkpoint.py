@@ -20,7 +20,7 @@ from tokenizer.model import TokenizerConfig, VQTokenizer
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 # keys that change what a code means; the rest (ema decay, loss weights) only affect training
-ARCH_KEYS = ("resolution", "channels", "blocks_per_level", "norm", "z_channels", "quantizer", "codebook_size",
+ARCH_KEYS = ("resolution", "channels", "encoder", "patch_hidden", "patch_layers", "blocks_per_level", "norm", "z_channels", "quantizer", "codebook_size",
              "codebook_dim", "fsq_levels")
 
 

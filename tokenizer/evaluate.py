@@ -1,6 +1,7 @@
 """Evaluate a saved tokenizer on held-out shards: `python -m tokenizer.evaluate tokenizer_dir=... [split=test]`.
 
-Writes {split}_metrics.json (PSNR, SSIM, code usage and perplexity, encode speed) and
+Writes {split}_metrics.json (PSNR, SSIM, code usage and perplexity, code determinism, encode speed; on the
+shapes world also the ceiling: the judge on reconstructions of its prompts' scenes) and
 {split}_reconstructions.png (originals above reconstructions).
 """
 
@@ -10,15 +11,18 @@ import time
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from data.grid import save_grid
+from data.grid import save_grid, to_pil
+from data.judge import judge_roundtrip
 from data.loader import ImageTransform
 from data.runtime import UserError, cli, run_dir_of, save_resolved_config, write_json
+from data.shapes import WorldConfig, world_of
 from data.shards import DecodePolicy, ReadStats, iter_samples
 from tokenizer.checkpoint import load_tokenizer
-from tokenizer.metrics import CodeHistogram, psnr_per_image, ssim_per_image
+from tokenizer.metrics import CodeDeterminism, CodeHistogram, psnr_per_image, ssim_per_image
 
 
 def image_batches(pattern: str, resolution: int, batch_size: int, stats: ReadStats, max_images: int | None = None):
@@ -37,17 +41,28 @@ def image_batches(pattern: str, resolution: int, batch_size: int, stats: ReadSta
 
 
 @torch.no_grad()
+def roundtrip(model, images: list) -> list:
+    """PIL images -> encode -> decode -> PIL images."""
+    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1) for im in images]).float() / 255
+    return [to_pil(r) for r in model.decode(model.encode(x))]
+
+
+@torch.no_grad()
 def evaluate_tokenizer(tokenizer_dir, pattern: str, out_dir, batch_size: int = 64, name: str = "test",
-                       max_images: int | None = None) -> dict:
+                       max_images: int | None = None, world: WorldConfig | None = None,
+                       ceiling_per_type: int = 32) -> dict:
+    """Reconstruction and code metrics on `pattern`'s images; with a shapes `world`, also the judge's
+    ceiling (`ceiling_per_type` prompts of each type, reconstructed)."""
     model = load_tokenizer(tokenizer_dir)
     out_dir = Path(out_dir)
-    stats, hist = ReadStats(), CodeHistogram(model.cfg.num_codes)
+    stats, hist, determinism = ReadStats(), CodeHistogram(model.cfg.num_codes), CodeDeterminism()
     psnr, ssim, show = [], [], None
     encode_s = 0.0
     for x in image_batches(pattern, model.cfg.resolution, batch_size, stats, max_images):
-        x = x.float() / 255
+        pixels, x = x, x.float() / 255
         t = time.perf_counter()
         codes = model.encode(x)
+        determinism.update(pixels, codes)
         encode_s += time.perf_counter() - t
         rec = model.decode(codes)
         psnr.append(psnr_per_image(rec, x))
@@ -62,11 +77,24 @@ def evaluate_tokenizer(tokenizer_dir, pattern: str, out_dir, batch_size: int = 6
         "split": name, "images": len(p), "psnr": float(p.mean()), "psnr_median": float(p.median()),
         "ssim": float(torch.cat(ssim).mean()), "code_usage": hist.usage, "perplexity": hist.perplexity,
         "num_codes": model.cfg.num_codes, "tokens_per_image": model.cfg.grid ** 2,
-        "encode_images_per_s": len(p) / max(encode_s, 1e-9), "data": stats.to_json(),
+        "encode_images_per_s": len(p) / max(encode_s, 1e-9), **determinism.result(), "data": stats.to_json(),
     }
+    if world is not None and ceiling_per_type > 0:
+        ceiling = judge_roundtrip(lambda ims: roundtrip(model, ims), world, ceiling_per_type)
+        metrics["ceiling"] = {k: ceiling[k] for k in ("pass_rate", "per_type", "attributes", "n")}
     write_json(out_dir / f"{name}_metrics.json", metrics)
     save_grid(show, out_dir / f"{name}_reconstructions.png", scale=3)
     return metrics
+
+
+def summary_line(m: dict) -> str:
+    flat = ", ".join(f"{n}" for n in m["codes_per_flat_patch"].values())
+    line = (f"{m['split']}: PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.3f}  usage {m['code_usage']:.1%}  "
+            f"perplexity {m['perplexity']:.0f}  H(code|patch) {m['code_given_patch_nats']:.2f} nats  "
+            f"codes per flat colour {flat}")
+    if "ceiling" in m:
+        line += f"  ceiling (judge on reconstructions) {m['ceiling']['pass_rate']:.0%}"
+    return line
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="evaluate_tokenizer")
@@ -77,9 +105,9 @@ def main(cfg: DictConfig):
     pattern = cfg.data.get(cfg.split)
     if not pattern:
         raise UserError(f"data config {cfg.data.name!r} has no split {cfg.split!r}")
-    m = evaluate_tokenizer(cfg.tokenizer_dir, pattern, run_dir, cfg.batch_size, cfg.split, cfg.max_images)
-    print(f"{cfg.split}: PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.3f}  usage {m['code_usage']:.1%}  "
-          f"perplexity {m['perplexity']:.0f}  ({m['images']} images, {m['encode_images_per_s']:.0f} img/s encode) "
+    m = evaluate_tokenizer(cfg.tokenizer_dir, pattern, run_dir, cfg.batch_size, cfg.split, cfg.max_images,
+                           world=world_of(cfg.data), ceiling_per_type=cfg.ceiling_per_type)
+    print(summary_line(m) + f"  ({m['images']} images, {m['encode_images_per_s']:.0f} img/s encode) "
           f"-> {run_dir}/{cfg.split}_metrics.json")
     return m
 

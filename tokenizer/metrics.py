@@ -37,3 +37,43 @@ class CodeHistogram:
         """exp(entropy) of the code distribution: the number of codes effectively in use."""
         p = self.counts.float() / self.counts.sum().clamp_min(1)
         return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+
+
+class CodeDeterminism:
+    """How much a code is a function of its own patch: H(code | the patch's exact pixels), in nats.
+
+    0 when equal patches always get equal codes (a patch-local encoder); large when an encoder that sees
+    the surroundings writes one content with many near-duplicate codes (synonyms the decoder must guess).
+    Also counts the distinct codes given to flat patches (one colour throughout), per colour.
+    """
+
+    def __init__(self):
+        self.pairs: dict[bytes, dict[int, int]] = {}
+        self.flat: dict[tuple[int, int, int], dict[int, int]] = {}
+
+    def update(self, images: torch.Tensor, codes: torch.Tensor) -> None:
+        """images uint8 [b, 3, H, W]; codes [b, h, w] with H = f * h."""
+        b, _, H, _ = images.shape
+        f = H // codes.shape[-1]
+        patches = images.to(torch.uint8).unfold(2, f, f).unfold(3, f, f)  # [b, 3, h, w, f, f]
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * f * f).cpu().numpy()
+        rgb = patches.reshape(len(patches), 3, f * f)
+        is_flat = (rgb == rgb[:, :, :1]).all(axis=(1, 2))
+        for row, code, fl in zip(patches, codes.reshape(-1).tolist(), is_flat):
+            d = self.pairs.setdefault(row.tobytes(), {})
+            d[code] = d.get(code, 0) + 1
+            if fl:
+                colour = (int(row[0]), int(row[f * f]), int(row[2 * f * f]))
+                c = self.flat.setdefault(colour, {})
+                c[code] = c.get(code, 0) + 1
+
+    def result(self, top_flat: int = 3) -> dict:
+        total = sum(n for d in self.pairs.values() for n in d.values())
+        h = 0.0
+        for d in self.pairs.values():
+            counts = torch.tensor(list(d.values()), dtype=torch.float64)
+            p = counts / counts.sum()
+            h += float(counts.sum() / max(total, 1) * -(p * p.log()).sum())
+        flats = sorted(self.flat.items(), key=lambda kv: -sum(kv[1].values()))[:top_flat]
+        return {"code_given_patch_nats": round(h, 4), "distinct_patches": len(self.pairs), "patches": total,
+                "codes_per_flat_patch": {"rgb(%d,%d,%d)" % k: len(v) for k, v in flats}}

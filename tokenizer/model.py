@@ -22,6 +22,12 @@ from data.runtime import config_from_dict
 class TokenizerConfig:
     resolution: int = 64
     channels: tuple[int, ...] = (32, 64, 128)  # one entry per level; each level after the first halves H, W
+    # conv: a convolutional encoder whose receptive field spans neighbouring patches (a code then depends on
+    # its surroundings too, so equal patches can get different codes); patch: each f x f patch is encoded
+    # alone (space-to-depth, then per-patch layers), so a code is a function of its patch's pixels.
+    encoder: str = "conv"
+    patch_hidden: int = 256  # patch encoder: width of its per-patch layers
+    patch_layers: int = 2
     blocks_per_level: int = 1
     norm: bool = True
     z_channels: int = 64
@@ -40,6 +46,8 @@ class TokenizerConfig:
     def __post_init__(self):
         self.channels = tuple(self.channels)
         self.fsq_levels = tuple(self.fsq_levels)
+        if self.encoder not in ("conv", "patch"):
+            raise ValueError(f"tokenizer.encoder must be conv or patch, got {self.encoder!r}")
         if self.quantizer not in ("vq", "fsq", "lfq"):
             raise ValueError(f"tokenizer.quantizer must be vq, fsq or lfq, got {self.quantizer!r}")
         if self.resolution % self.downsample:
@@ -106,6 +114,23 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         return self.conv_out(F.silu(self.norm_out(self.body(self.conv_in(x)))))
+
+
+class PatchEncoder(nn.Module):
+    """Each f x f patch alone -> its feature vector: space-to-depth, then 1x1 convolutions (no mixing across
+    patches), so equal patches always get equal codes."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        f, h = cfg.downsample, cfg.patch_hidden
+        layers: list[nn.Module] = [nn.PixelUnshuffle(f), nn.Conv2d(3 * f * f, h, 1)]
+        for _ in range(cfg.patch_layers - 1):
+            layers += [nn.SiLU(), nn.Conv2d(h, h, 1)]
+        layers += [nn.SiLU(), nn.Conv2d(h, cfg.z_channels, 1)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.body(x)
 
 
 class Decoder(nn.Module):
@@ -186,7 +211,7 @@ class VQTokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = PatchEncoder(cfg) if cfg.encoder == "patch" else Encoder(cfg)
         self.quantizer = Quantizer(cfg)
         self.decoder = Decoder(cfg)
 

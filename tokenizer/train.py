@@ -30,7 +30,7 @@ def build_module(cfg: DictConfig, grid_dir: str | None) -> TokenizerModule:
         optim={"lr": t.lr, "betas": list(t.betas), "weight_decay": t.weight_decay,
                "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio,
                "time_budget_s": 60 * t.time_budget_min if t.get("time_budget_min") else None},
-        loss={"l1": t.l1, "l2": t.l2}, channels_last=t.channels_last, grid_dir=grid_dir)
+        loss={"l1": t.l1, "l2": t.l2, "edge_weight": t.get("edge_weight", 0.0)}, channels_last=t.channels_last, grid_dir=grid_dir)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -52,7 +52,7 @@ def train(cfg: DictConfig) -> dict:
     start = time.time()
     ckpt_path = resume_checkpoint(cfg.get("resume"), run_dir, expect={"model": module.hparams.model})
     train_data = train_loader(cfg.data.train, lambda seed: image_stages(
-        t.batch_size, ImageTransform(res, t.crop), seed=f"{cfg.seed}/{seed}", shuffle_buffer=t.shuffle_buffer,
+        t.batch_size, ImageTransform(res, t.crop, crop_step=module.model.cfg.downsample, crop_tries=t.get("crop_tries", 1)), seed=f"{cfg.seed}/{seed}", shuffle_buffer=t.shuffle_buffer,
         partial=False), t.num_workers, steps=lambda: trainer.global_step)
     trainer.fit(module, train_dataloaders=train_data, val_dataloaders=make_loader(val_data), ckpt_path=ckpt_path)
     train_s = time.time() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -130,3 +131,17 @@ def test_captions_name_every_object():
 def test_bad_world_configs_are_refused(bad):
     with pytest.raises(ValueError):
         WorldConfig(**bad)
+
+
+def test_description_entropy_by_hand_and_the_default_world():
+    from data.shapes import description_entropy
+
+    # one object, no text, one background: the cell (9) and the colour (2) x shape (1) x size (2) pair
+    tiny = WorldConfig(min_objects=1, max_objects=1, text_prob=0.0, colours=("red", "blue"), shapes=("square",),
+                       backgrounds=("white",), heldout=())
+    assert description_entropy(tiny) == pytest.approx(math.log(9 * 2 * 2))
+    # held-out pairs are never drawn in training: fewer pairs, less to describe
+    held = WorldConfig(min_objects=1, max_objects=1, text_prob=0.0, colours=("red", "blue"), shapes=("square",),
+                       backgrounds=("white",), heldout=(("red", "square"),))
+    assert description_entropy(held) == pytest.approx(math.log(9 * 1 * 2))
+    assert 20 < description_entropy(WorldConfig()) < 25

@@ -76,3 +76,95 @@ def test_image_pos_embed_is_refused_without_a_layout_and_saved_with_the_model(tm
     cfg = DecoderConfig.from_dict(dec.cfg.to_dict())
     assert cfg.image_layout == vocab.image_layout() and cfg.image_pos_embed
     assert {"image_rows.weight", "image_cols.weight"} <= set(dec.state_dict())
+
+
+def test_code_features_equal_plain_tables_built_from_them():
+    """Factorised (FSQ level) and pixel features, into the embeddings and the head: a plain decoder given the
+    folded tables computes the same logits; codes sharing a level share that level's vector."""
+    from fusion.decoder import Decoder, DecoderConfig, code_rows, fsq_digits
+
+    levels = [4, 2, 3]
+    vocab = tiny_vocab(grid=2, num_codes=24)
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=32, num_layers=2, num_heads=2, max_seq_len=64, image_pos_embed=True,
+               image_layout=vocab.image_layout())
+    fact = Decoder(DecoderConfig(**cfg, code_features=["levels", "pixels"], code_levels=levels, code_pixel_dim=12,
+                                 code_head=True), vocab.size).eval()
+    fact.set_code_pixels(torch.randn(24, 12))
+    with torch.no_grad():  # large, so a mistake cannot hide under the tables' own noise
+        for m in (fact.embed_tokens, fact.lm.lm_head):
+            for p in code_rows(m).proj.parameters():
+                p.normal_(std=1.0)
+    plain = Decoder(DecoderConfig(**cfg), vocab.size).eval()
+    own = {k: v for k, v in fact.state_dict().items() if "parametrizations" not in k}
+    plain.load_state_dict(own, strict=False)
+    emb, head = fact.plain_tables()
+    plain.embed_tokens.weight.data.copy_(emb)
+    plain.lm.lm_head.weight.data.copy_(head)
+    ids = torch.tensor([vocab.encode_text("A red square.") + [vocab.boi, vocab.code_offset + 5, vocab.code_offset + 23,
+                                                                vocab.eol, vocab.code_offset, vocab.code_offset + 17,
+                                                                vocab.eol, vocab.eoi]])
+    assert torch.allclose(fact(ids).logits, plain(ids).logits, atol=1e-4)
+    # text rows untouched; code rows moved
+    assert torch.equal(emb[:vocab.code_offset], fact.embed_tokens.parametrizations.weight.original[:vocab.code_offset])
+    assert not torch.equal(emb[vocab.code_offset:], fact.embed_tokens.parametrizations.weight.original[vocab.code_offset:])
+    # codes sharing a level share that level's vector: the part two such codes have in common is exactly it
+    digits = fsq_digits(levels)
+    assert digits.shape == (24, 3) and len({tuple(d) for d in digits.tolist()}) == 24
+    rows = code_rows(fact.embed_tokens)
+    level_vec = rows.proj["levels"].weight.T  # [sum(levels), hidden]
+    a, b = 5, next(c for c in range(24) if digits[c, 0] == digits[5, 0] and c != 5)
+    part = lambda c: level_vec[digits[c]].sum(0)
+    assert torch.allclose(part(a) - level_vec[digits[a, 1:]].sum(0), level_vec[digits[a, 0]])
+    assert torch.allclose(part(b) - level_vec[digits[b, 1:]].sum(0), level_vec[digits[a, 0]])
+
+
+def test_code_features_are_refused_without_what_they_need():
+    import pytest
+
+    from fusion.decoder import DecoderConfig
+
+    vocab = tiny_vocab(grid=2, num_codes=24)
+    lay = vocab.image_layout()
+    with pytest.raises(ValueError, match="make 12 codes, the vocabulary has 24"):
+        DecoderConfig(code_features=["levels"], code_levels=[4, 3], image_layout=lay)
+    with pytest.raises(ValueError, match="needs an FSQ"):
+        DecoderConfig(code_features=["levels"], image_layout=lay)
+    with pytest.raises(ValueError, match="code_pixel_dim"):
+        DecoderConfig(code_features=["pixels"], image_layout=lay)
+    with pytest.raises(ValueError, match="unknown"):
+        DecoderConfig(code_features=["colour"], image_layout=lay)
+    with pytest.raises(ValueError, match="code_head needs code_features"):
+        DecoderConfig(code_head=True, image_layout=lay)
+
+
+def test_pixel_features_are_what_the_tokenizer_draws():
+    from fusion.decoder import code_pixel_features
+
+    class FlatTokenizer:  # code c decodes to a flat grey of level c / 10
+        class cfg:
+            grid, downsample = 3, 2
+
+        def decode(self, codes):
+            return (codes.float() / 10)[:, None].repeat(1, 3, 2, 2)
+
+    feats = code_pixel_features(FlatTokenizer(), 10)
+    assert feats.shape == (10, 12)
+    assert torch.all(feats[1:, 0] > feats[:-1, 0])  # brighter codes, larger features
+    assert torch.allclose(feats.mean(0), torch.zeros(12), atol=1e-5)
+
+
+def test_modality_balance_averages_each_modality_apart():
+    from fusion.decoder import lm_losses
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 10, 7)
+    labels = torch.randint(0, 7, (1, 10))
+    modality = torch.tensor([[1] * 9 + [0]])  # nine image targets, one text target
+    r = lm_losses(logits, labels, modality, 0.0)
+    ce = torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="none")
+    assert torch.allclose(r["loss"], ce.mean())
+    b = lm_losses(logits, labels, modality, 0.0, image_weight=1.0, text_weight=3.0, balance="modality")
+    assert torch.allclose(b["loss"], (ce[:9].mean() + 3 * ce[9]) / 4)
+    only_image = lm_losses(logits, labels, torch.ones_like(modality), 0.0, text_weight=3.0, balance="modality")
+    assert torch.allclose(only_image["loss"], ce.mean())  # an absent modality takes no weight

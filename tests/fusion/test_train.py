@@ -10,6 +10,7 @@ import torch
 
 from data.runtime import UserError
 from fusion.checkpoint import WEIGHTS, load_bundle
+from fusion.decoder import code_rows
 from fusion.generate import Generator, SamplingConfig
 from tests.conftest import run_module
 
@@ -90,3 +91,57 @@ def test_train_without_code_shards_fails_in_one_line(tmp_path):
     proc = run_module("fusion.train", f"codes={tmp_path}", f"run_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2 and "run tokenizer.pretokenize first" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_every_recipe_switch_trains_and_curves_are_drawn(tiny_fsq_codes, shapes_root, tmp_path):
+    """Code features (FSQ levels and pixels, into embeddings and head), Muon, warmup-stable-decay, per-modality
+    loss balance and no row separators, all in one short run on FSQ codes; learning curves at each validation."""
+    run = tmp_path / "run"
+    run_module("fusion.train", f"codes={tiny_fsq_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
+               "decoder.code_features=[levels,pixels]", "decoder.code_head=true", "train.optimizer=muon", "train.schedule=wsd", "loss.balance=modality",
+               "loss.text_weight=2.0", "layout.row_separator=false", "curves.gain_images=8", "curves.vqa_images=3",
+               "curves.judge_per_type=1")
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 16
+    curves = json.loads((run / "curves.json").read_text())
+    assert [p["step"] for p in curves] == [8, 16]
+    for key in ("caption_gain", "caption_gain_fraction", "vqa_colour", "judge_single", "judge_attr_colour", "tokens"):
+        assert key in curves[-1], key
+    assert (run / "curves.png").is_file()
+    bundle = load_bundle(run / "model")
+    assert bundle.decoder.cfg.code_features == ["levels", "pixels"] and bundle.decoder.cfg.code_levels == [4, 4, 4]
+    pixels = code_rows(bundle.decoder.embed_tokens).features["pixels"]
+    assert pixels.shape == (64, 3 * 4 * 4) and pixels.abs().sum() > 0  # what the codes look like, saved
+    assert not bundle.vocab.layout.row_separator
+    v = bundle.vocab
+    prompt = [[v.bos, *v.encode_text("A picture of a red circle."), v.boi]]
+    out = Generator(bundle.decoder, v).generate(prompt, SamplingConfig(max_new_tokens=v.layout.span_len))[0]
+    assert v.decode_image([v.boi, *out]).shape == (v.layout.grid, v.layout.grid)
+
+
+@pytest.mark.slow
+def test_factorised_embeddings_refuse_a_vq_tokenizer_in_one_line(tiny_codes, shapes_root, tmp_path):
+    proc = run_module("fusion.train", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={tmp_path}", *TINY,
+                      "decoder.code_features=[levels]", check=False)
+    assert proc.returncode == 2 and "needs an FSQ image tokenizer" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_study_trains_each_variant_per_seed_and_tabulates(tiny_codes, shapes_root, tmp_path):
+    out = tmp_path / "study"
+    common = [*TINY[:5], "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "samples.count=1",
+              "curves.gain_images=4", "curves.vqa_images=2", "curves.judge_per_type=1"]
+    quoted = lambda items: "[" + ",".join(f'"{x}"' for x in items) + "]"
+    proc = run_module("fusion.study", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={out}", "steps=6",
+                      "seeds=[0]", "only=[baseline,wsd]", f"common={quoted(common)}",
+                      f"eval_overrides={quoted(['vqa_images=4', 'max_questions=20', 'generation.per_type=1', 'seq_len=256'])}")
+    table = json.loads((out / "study.json").read_text())["variants"]
+    assert list(table) == ["baseline", "wsd"]
+    for v in table.values():
+        assert v["seeds"] == [0] and v["steps"]["values"] == [6] and v["judge_single"]["mean"] is not None
+    assert (out / "study.md").is_file() and (out / "study_curves.png").is_file() and "| baseline |" in proc.stdout
+    again = run_module("fusion.study", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={out}",
+                       "collect_only=true", "only=[wsd]")
+    assert "| wsd |" in again.stdout and "fusion.train" not in again.stdout

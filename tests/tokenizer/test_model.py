@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -90,3 +92,61 @@ def test_config_validation():
         TokenizerConfig(quantizer="pq")
     with pytest.raises(ValueError, match="unknown tokenizer config keys"):
         TokenizerConfig.from_dict({"resolution": 32, "colour": 1})
+
+
+def test_code_determinism_measure_by_hand():
+    from tokenizer.metrics import CodeDeterminism
+
+    images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)  # 2 x 2 patches of 8 px, all black
+    images[:, 0, :8, :8] = 255  # top-left patch red in both images
+    same = CodeDeterminism()
+    same.update(images, torch.tensor([[[1, 2], [2, 2]], [[1, 2], [2, 2]]]))
+    r = same.result()
+    assert r["code_given_patch_nats"] == 0 and r["distinct_patches"] == 2
+    assert r["codes_per_flat_patch"] == {"rgb(0,0,0)": 1, "rgb(255,0,0)": 1}
+    split = CodeDeterminism()  # the black patch written with two codes, half the time each
+    split.update(images, torch.tensor([[[1, 2], [3, 2]], [[1, 3], [3, 2]]]))
+    r = split.result()
+    assert r["code_given_patch_nats"] == pytest.approx(6 / 8 * math.log(2), abs=1e-4)
+    assert r["codes_per_flat_patch"]["rgb(0,0,0)"] == 2
+
+
+def scenes(n: int) -> torch.Tensor:
+    """Shapes-world renders as uint8 [n, 3, 48, 48]: many equal flat patches in different surroundings."""
+    import numpy as np
+
+    from data.shapes import WorldConfig, render, sample_scene
+
+    world = WorldConfig()
+    return torch.stack([torch.from_numpy(np.asarray(render(sample_scene(world, "train", i)))).permute(2, 0, 1)
+                        for i in range(n)])
+
+
+def test_a_patch_encoder_writes_equal_patches_with_equal_codes_a_conv_encoder_does_not():
+    from tokenizer.metrics import CodeDeterminism
+
+    images = scenes(24)
+    result = {}
+    for encoder in ("patch", "conv"):
+        torch.manual_seed(0)
+        cfg = TokenizerConfig(resolution=48, channels=(8, 16, 16, 16), z_channels=16, encoder=encoder,
+                              quantizer="fsq", fsq_levels=(8, 8, 8))
+        model = VQTokenizer(cfg).eval()
+        det = CodeDeterminism()
+        det.update(images, model.encode(images.float() / 255))
+        result[encoder] = det.result()
+    assert result["patch"]["code_given_patch_nats"] == 0
+    assert all(n == 1 for n in result["patch"]["codes_per_flat_patch"].values())
+    assert result["conv"]["code_given_patch_nats"] > 0.1
+    assert max(result["conv"]["codes_per_flat_patch"].values()) > 3
+
+
+def test_patch_encoder_is_local_a_change_outside_a_patch_leaves_its_code():
+    torch.manual_seed(0)
+    model = VQTokenizer(TokenizerConfig(resolution=32, channels=(8, 16, 16), z_channels=16, encoder="patch",
+                                        quantizer="fsq", fsq_levels=(8, 8, 8))).eval()
+    x = torch.rand(1, 3, 32, 32)
+    y = x.clone()
+    y[..., :4, :4] = 1 - y[..., :4, :4]  # only the top-left 4 px patch changes
+    a, b = model.encode(x), model.encode(y)
+    assert torch.equal(a[..., 1:, :], b[..., 1:, :]) and torch.equal(a[..., 0, 1:], b[..., 0, 1:])

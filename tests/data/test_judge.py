@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from data.shapes import BACKGROUNDS, COLOURS, SPLITS, Obj, Scene, WorldConfig, caption, render, sample_scene
-from fusion.judge import PROMPT_TYPES, Prompt, connected_components, detect_objects, judge, make_prompts, score
+from data.judge import PROMPT_TYPES, Prompt, connected_components, detect_objects, judge, make_prompts, score
 
 
 def object_accuracy(scenes: list[Scene], images: list) -> float:
@@ -168,3 +168,44 @@ def test_caption_default_is_unchanged():
         assert caption(scene, random.Random(), template=random.Random(i).randrange(4)) == text
     with pytest.raises(ValueError):
         caption(scene, random.Random(), template=4)
+
+
+def test_attributes_give_partial_credit_on_hand_made_images():
+    """Per-attribute verdicts on images built by hand: right colour wrong shape, right shape wrong colour,
+    one object too many, the right object in the wrong cell."""
+    world = WorldConfig()
+    single = next(p for p in make_prompts(world, "test", 4) if p.type == "single")
+    o = single.scene.objects[0]
+    other_shape = next(s for s in ("square", "circle", "diamond", "cross", "triangle") if s != o.shape)
+    other_colour = next(c for c in COLOURS if c != o.colour)
+    as_is = judge(render(single.scene), single)
+    assert as_is["pass"] and all(as_is["attributes"].values())
+    wrong_shape = judge(render(replace(single.scene, objects=(replace(o, shape=other_shape),))), single)
+    assert not wrong_shape["pass"] and wrong_shape["attributes"] == {"colour": True, "shape": False, "count": True}
+    wrong_colour = judge(render(replace(single.scene, objects=(replace(o, colour=other_colour),))), single)
+    assert wrong_colour["attributes"] == {"colour": False, "shape": True, "count": True}
+    free = next(c for c in range(9) if c != o.row * 3 + o.col)
+    extra = replace(o, row=free // 3, col=free % 3, cx=o.cx + (free % 3 - o.col) * 16, cy=o.cy + (free // 3 - o.row) * 16)
+    two = judge(render(replace(single.scene, objects=(o, extra))), single)
+    assert two["pass"] and two["attributes"] == {"colour": True, "shape": True, "count": False}
+
+    placed = next(p for p in make_prompts(world, "test", 8) if p.type == "position" and len(p.scene.objects) == 1)
+    o = placed.scene.objects[0]
+    moved = replace(o, row=free_cell(o) // 3, col=free_cell(o) % 3,
+                    cx=o.cx + (free_cell(o) % 3 - o.col) * 16, cy=o.cy + (free_cell(o) // 3 - o.row) * 16)
+    verdict = judge(render(replace(placed.scene, objects=(moved,))), placed)
+    assert not verdict["pass"] and verdict["attributes"]["cell"] is False
+    assert verdict["attributes"]["colour"] and verdict["attributes"]["shape"]
+
+
+def free_cell(o: Obj) -> int:
+    return (o.row * 3 + o.col + 4) % 9
+
+
+def test_score_reports_attribute_rates():
+    prompts = make_prompts(WorldConfig(), "test", 2)
+    result = score([render(p.scene) for p in prompts], prompts)
+    assert result["attributes"] == {"colour": 1.0, "shape": 1.0, "count": 1.0, "cell": 1.0}
+    blank = Image.new("RGB", (48, 48), BACKGROUNDS["white"])
+    result = score([blank] * len(prompts), prompts)
+    assert result["attributes"]["colour"] == 0 and result["attributes"]["shape"] == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data.shapes import (COLOURS, SHAPES, Obj, Scene, WorldConfig, caption, count_phrase, draw_shape, plural,
-                         position_name, sample_scene)
+                         position_name, render, sample_scene)
 
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 PALETTE_NAMES = tuple(COLOURS)
@@ -222,8 +222,16 @@ def make_prompts(world: WorldConfig, split: str, n_per_type: int, seed: int = 0)
 # ---------------------------------------------------------------- judging
 
 
+ATTRIBUTES = ("colour", "shape", "count", "cell")
+
+
 def judge(image: Image.Image | np.ndarray, prompt: Prompt) -> dict:
-    """{"pass": every check holds, "checks": {description: bool}} for one generated image."""
+    """{"pass": every check holds, "checks": {description: bool}, "attributes": {attribute: bool}} for one image.
+
+    The attributes give partial credit, each asked on its own: every asked colour present (any shape), every
+    asked shape present (any colour), the asked count right (of the counted pair for counting prompts, of
+    objects in all for the others), every asked cell holding an object (any colour or shape).
+    """
     detected = detect_objects(image, prompt.scene.resolution)
     found = Counter((d.colour, d.shape) for d in detected)
     placed = {(d.colour, d.shape, d.row, d.col) for d in detected}
@@ -237,17 +245,48 @@ def judge(image: Image.Image | np.ndarray, prompt: Prompt) -> dict:
     for want in prompt.spec.get("at", []):
         checks[f"{want['colour']} {want['shape']} at the {position_name(want['row'], want['col'])}"] = \
             (want["colour"], want["shape"], want["row"], want["col"]) in placed
-    return {"pass": bool(checks) and all(checks.values()), "checks": checks}
+    wants = prompt.spec.get("present", []) + prompt.spec.get("at", []) + (
+        [prompt.spec["count"]] if "count" in prompt.spec else [])
+    colours, shapes = {d.colour for d in detected}, {d.shape for d in detected}
+    cells = {(d.row, d.col) for d in detected}
+    attributes = {"colour": all(w["colour"] in colours for w in wants),
+                  "shape": all(w["shape"] in shapes for w in wants)}
+    if "count" in prompt.spec:
+        want = prompt.spec["count"]
+        attributes["count"] = found[(want["colour"], want["shape"])] == want["n"]
+    elif prompt.type != "heldout":  # a held-out prompt's scene may hold objects its spec leaves out
+        attributes["count"] = len(detected) == len(prompt.scene.objects)
+    if "at" in prompt.spec:
+        attributes["cell"] = all((w["row"], w["col"]) in cells for w in prompt.spec["at"])
+    return {"pass": bool(checks) and all(checks.values()), "checks": checks, "attributes": attributes}
 
 
 def score(images: Sequence[Image.Image | np.ndarray], prompts: Sequence[Prompt]) -> dict:
-    """Pass rate overall and per prompt type, with how many prompts each rate is over."""
+    """Pass rate overall and per prompt type, with how many prompts each rate is over; and the rate of each
+    attribute (colour, shape, count, cell) right, over the prompts that ask it, overall and per type."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     passed: dict[str, list[bool]] = defaultdict(list)
+    attrs: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for image, prompt in zip(images, prompts):
-        passed[prompt.type].append(judge(image, prompt)["pass"])
+        verdict = judge(image, prompt)
+        passed[prompt.type].append(verdict["pass"])
+        for a, ok in verdict["attributes"].items():
+            attrs[prompt.type][a].append(ok)
     every = [p for results in passed.values() for p in results]
+    rate = lambda xs: sum(xs) / len(xs)
+    attribute_rates = {a: rate([x for t in attrs.values() for x in t.get(a, [])]) for a in ATTRIBUTES
+                       if any(a in t for t in attrs.values())}
     return {"pass_rate": sum(every) / max(len(every), 1), "n": len(every),
-            "per_type": {kind: sum(results) / len(results) for kind, results in passed.items()},
-            "n_per_type": {kind: len(results) for kind, results in passed.items()}}
+            "per_type": {kind: rate(results) for kind, results in passed.items()},
+            "n_per_type": {kind: len(results) for kind, results in passed.items()},
+            "attributes": attribute_rates,
+            "attributes_per_type": {kind: {a: rate(v) for a, v in d.items()} for kind, d in attrs.items()}}
+
+
+def judge_roundtrip(roundtrip: Callable[[list[Image.Image]], list[Image.Image]], world: WorldConfig,
+                    n_per_type: int, split: str = "test") -> dict:
+    """The judge on `roundtrip(ground-truth renders)` of its own prompts' scenes: for an image tokenizer's
+    encode-decode, the score a perfect decoder would reach with it (the tokenizer's ceiling)."""
+    prompts = make_prompts(world, split, n_per_type)
+    return score(roundtrip([render(p.scene) for p in prompts]), prompts)
