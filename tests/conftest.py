@@ -70,7 +70,7 @@ def shapes_root(tmp_path_factory) -> Path:
 
 # a 12x12-code tokenizer that trains in seconds (f = 4 at 48 px), shared by the tokenizer and fusion tests
 TINY_TRAINING = ["train.batch_size=8", "train.val_batch_size=16", "train.val_batches=2", "train.warmup_steps=5",
-                 "train.num_workers=0", "trainer.max_steps=12", "trainer.val_check_interval=6"]
+                 "train.num_workers=0", "trainer.max_steps=12", "trainer.val_check_interval=6", "ceiling_per_type=2"]
 # (a VQ codebook and a conv encoder: the other quantizer and encoder than the defaults, so both stay tested)
 TINY_TOKENIZER = ["tokenizer.channels=[8,8,16]", "tokenizer.z_channels=16", "quantizer=vq", "tokenizer.codebook_size=64",
                   "tokenizer.encoder=conv", *TINY_TRAINING]

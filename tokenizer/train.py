@@ -19,7 +19,8 @@ from data.loader import ImageTransform, image_stages, in_order, make_loader, tra
 from data.runtime import (audit_callback, checkpoint_callbacks, cli, make_trainer, resume_checkpoint, run_dir_of, save_resolved_config, world_size,
                           write_json)
 from tokenizer.checkpoint import save_tokenizer
-from tokenizer.evaluate import evaluate_tokenizer
+from data.shapes import world_of
+from tokenizer.evaluate import evaluate_tokenizer, summary_line
 from tokenizer.lit import TokenizerModule
 
 
@@ -61,13 +62,13 @@ def train(cfg: DictConfig) -> dict:
         return {}
     export = save_tokenizer(module.model.cpu(), run_dir / "tokenizer",
                             extra={"train_steps": trainer.global_step, "train_seconds": round(train_s, 1)})
-    metrics = evaluate_tokenizer(export, cfg.data.val, run_dir, batch_size=t.val_batch_size, name="val")
+    metrics = evaluate_tokenizer(export, cfg.data.val, run_dir, batch_size=t.val_batch_size, name="val",
+                                 world=world_of(cfg.data), ceiling_per_type=cfg.get("ceiling_per_type", 32))
     metrics.update(train_steps=trainer.global_step, train_seconds=round(train_s, 1),
                    precision=str(trainer.precision), tokenizer=str(export))
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "data_stats.json", module.data_stats.to_json())
-    print(f"tokenizer: {export}  val PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.3f}  "
-          f"usage {metrics['code_usage']:.1%}  ({trainer.global_step} steps, {train_s / 60:.1f} min)")
+    print(f"tokenizer: {export}  {summary_line(metrics)}  ({trainer.global_step} steps, {train_s / 60:.1f} min)")
     return metrics
 
 
