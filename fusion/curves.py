@@ -26,9 +26,9 @@ class CurveConfig:
     gain_images: int = 64  # validation images for the caption gain (0: off)
     vqa_images: int = 24  # validation images whose questions are asked (~9 each; 0: off)
     judge_per_type: int = 8  # prompts per judge type (0: off; shapes world only)
-    cfg_scale: float = 3.0
-    temperature: float = 1.0
-    top_k: int = 0
+    cfg_scale: float = 6.0
+    temperature: float = 0.7
+    top_k: int = 20
 
 
 class LearningCurves(Callback):

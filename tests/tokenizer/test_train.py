@@ -83,7 +83,7 @@ def test_pretokenize_refuses_codes_from_another_tokenizer(trained, shapes_root, 
 @pytest.mark.slow
 def test_hydra_sweep_over_quantizers(shapes_root, tmp_path):
     proc = run_module("tokenizer.train", "-m", "quantizer=vq,fsq", f"data.root={shapes_root}",
-                      f"hydra.sweep.dir={tmp_path}", *[a for a in TINY if not a.startswith("trainer.max_steps")],
+                      f"hydra.sweep.dir={tmp_path}", *[a for a in TINY if not a.startswith(("trainer.max_steps", "quantizer="))],
                       "trainer.max_steps=6", "tokenizer.fsq_levels=[4,4,4]")
     runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert len(runs) == 2, proc.stdout[-2000:]
