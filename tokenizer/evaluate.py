@@ -43,7 +43,7 @@ def image_batches(pattern: str, resolution: int, batch_size: int, stats: ReadSta
 @torch.no_grad()
 def roundtrip(model, images: list) -> list:
     """PIL images -> encode -> decode -> PIL images."""
-    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1) for im in images]).float() / 255
+    x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images]).float() / 255
     return [to_pil(r) for r in model.decode(model.encode(x))]
 
 
@@ -62,8 +62,8 @@ def evaluate_tokenizer(tokenizer_dir, pattern: str, out_dir, batch_size: int = 6
         pixels, x = x, x.float() / 255
         t = time.perf_counter()
         codes = model.encode(x)
-        determinism.update(pixels, codes)
         encode_s += time.perf_counter() - t
+        determinism.update(pixels, codes)
         rec = model.decode(codes)
         psnr.append(psnr_per_image(rec, x))
         ssim.append(ssim_per_image(rec, x))

@@ -118,7 +118,7 @@ def scenes(n: int) -> torch.Tensor:
     from data.shapes import WorldConfig, render, sample_scene
 
     world = WorldConfig()
-    return torch.stack([torch.from_numpy(np.asarray(render(sample_scene(world, "train", i)))).permute(2, 0, 1)
+    return torch.stack([torch.from_numpy(np.array(render(sample_scene(world, "train", i)))).permute(2, 0, 1)
                         for i in range(n)])
 
 
