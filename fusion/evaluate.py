@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.grid import save_grid, to_pil
 from data.runtime import UserError, cli, run_dir_of, save_resolved_config, write_json
-from data.shapes import Scene, WorldConfig, caption, description_entropy
+from data.shapes import COLOURS, COLS, ROWS, SHAPES, Scene, WorldConfig, caption, description_entropy, position_name
 from fusion.checkpoint import Bundle, load_bundle
 from data.loader import ImageTransform
 from data.shards import iter_samples
@@ -70,26 +70,49 @@ def answer_questions(bundle: Bundle, items: list[tuple[object, str]], batch_size
     return answers
 
 
+ANSWERS = {"colour": list(COLOURS), "shape": list(SHAPES),
+           "position": [position_name(r, c) for r in range(len(ROWS)) for c in range(len(COLS))]}
+
+
+def in_scene(scene: Scene, kind: str) -> set[str]:
+    """The answers a colour / shape / "Where is ..." question could take from any object of the scene."""
+    return {getattr(o, kind) for o in scene.objects} if kind in ANSWERS else set()
+
+
 def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dict:
-    items, truth, kinds = [], [], []
+    """Accuracy per question type; `wrong_in_scene` per type: the share of wrong answers that name what another
+    object of the same scene is (its colour, shape or cell), beside `wrong_in_scene_chance`, that share for wrong
+    answers drawn at random: well above chance means the model sees the attributes but binds them to the wrong
+    object; at chance, that it does not see them."""
+    items, truth, kinds, options = [], [], [], []
     for s in samples:
+        scene = Scene.from_json(s["meta"]["scene"]) if s["meta"].get("scene") else None
         for qa in s["meta"].get("qa") or []:
             items.append((s["image"], qa["q"]))
             truth.append(qa["a"])
             kinds.append(qa["type"])
+            where = qa["type"] != "position" or qa["q"].startswith("Where")
+            options.append(in_scene(scene, qa["type"]) if scene is not None and where else set())
     items, truth, kinds = items[:max_questions], truth[:max_questions], kinds[:max_questions]
     if not items:
         return {}
     t = time.perf_counter()
     answers = answer_questions(bundle, items)
     elapsed = time.perf_counter() - t
-    right, total = defaultdict(int), defaultdict(int)
-    for a, y, k in zip(answers, truth, kinds):
+    right, total, wrong = defaultdict(int), defaultdict(int), defaultdict(int)
+    wrong_in, chance = defaultdict(float), defaultdict(float)
+    for a, y, k, opts in zip(answers, truth, kinds, options):
         right[k] += int(a == y)
         total[k] += 1
+        if opts and a != y:
+            wrong[k] += 1
+            wrong_in[k] += a in opts
+            chance[k] += len(opts - {y}) / (len(ANSWERS[k]) - 1)
     examples = [{"q": q, "truth": y, "answer": a} for (_, q), y, a in list(zip(items, truth, answers))[:10]]
     return {"accuracy": sum(right.values()) / len(answers), "questions": len(answers),
             "per_type": {k: right[k] / total[k] for k in sorted(total)}, "n_per_type": dict(sorted(total.items())),
+            "wrong_in_scene": {k: wrong_in[k] / wrong[k] for k in sorted(wrong)},
+            "wrong_in_scene_chance": {k: chance[k] / wrong[k] for k in sorted(wrong)},
             "answers_per_s": round(len(answers) / elapsed, 1), "examples": examples}
 
 
@@ -221,6 +244,11 @@ def summary_table(report: dict) -> str:
     if vqa:
         lines.append("VQA accuracy (test)   " + "  ".join(f"{k} {v:.0%}" for k, v in vqa["per_type"].items())
                      + f"  | all {vqa['accuracy']:.0%} ({vqa['questions']} q)")
+        if vqa.get("wrong_in_scene"):
+            chance = vqa["wrong_in_scene_chance"]
+            lines.append("VQA wrong answers     " + "  ".join(f"{k} {v:.0%} (chance {chance[k]:.0%})"
+                                                            for k, v in vqa["wrong_in_scene"].items())
+                         + "  name another object's attribute: binding, not seeing")
     held = report.get("vqa_holdout") or {}
     if held:
         lines.append("VQA accuracy (holdout) " + "  ".join(f"{k} {v:.0%}" for k, v in held["per_type"].items()))

@@ -1,5 +1,6 @@
-"""The caption information gain measures what the caption is worth to the image: clearly positive for a
-model trained where the caption fixes the image, ~0 for the same model trained on shuffled captions."""
+"""The evaluation's diagnostics measure what they claim: the caption information gain is clearly positive for
+a model trained where the caption fixes the image and ~0 for the same model trained on shuffled captions; the
+VQA binding breakdown counts wrong answers that name another object's attribute."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import math
 import numpy as np
 import torch
 
+import fusion.evaluate
+from data.shapes import Obj, Scene
 from fusion.checkpoint import Bundle
 from fusion.decoder import lm_losses
-from fusion.evaluate import caption_gain
+from fusion.evaluate import caption_gain, vqa_accuracy
 from fusion.sequences import Packer, Segment, tokenize
 from tests.fusion.helpers import tiny_decoder, tiny_vocab
 
@@ -63,3 +66,19 @@ def test_caption_gain_is_what_the_caption_fixes_and_nothing_when_captions_are_sh
     assert real["gain"] > 3.0 and real["gain_vs_empty"] > 0.7 * math.log(4)
     assert abs(shuffled["gain"]) < 0.5  # (no caption at all was never seen in training: no claim on gain_vs_empty)
     assert real["images"] == shuffled["images"] == 32 and "bound" not in real
+
+
+def test_vqa_binding_breakdown_counts_answers_that_belong_to_another_object(monkeypatch):
+    objs = (Obj("circle", "red", "large", 0, 0, 8, 8, 10), Obj("square", "blue", "small", 2, 2, 40, 40, 6))
+    scene = Scene(resolution=48, background="white", objects=objs, text=None).to_json()
+    qa = [{"type": "colour", "q": "What colour is the circle?", "a": "red"},
+          {"type": "colour", "q": "What colour is the square?", "a": "blue"},
+          {"type": "shape", "q": "What shape is the red object?", "a": "circle"},
+          {"type": "position", "q": "Where is the circle?", "a": "top left"},
+          {"type": "position", "q": "Is the circle left of the square?", "a": "yes"}]
+    answers = ["blue", "green", "circle", "bottom right", "no"]  # bound wrong, unseen, right, bound wrong, wrong
+    monkeypatch.setattr(fusion.evaluate, "answer_questions", lambda bundle, items: answers[:len(items)])
+    r = vqa_accuracy(None, [{"image": None, "meta": {"scene": scene, "qa": qa}}], max_questions=100)
+    assert r["per_type"] == {"colour": 0.0, "position": 0.0, "shape": 1.0}
+    assert r["wrong_in_scene"] == {"colour": 0.5, "position": 1.0}  # the yes/no question is not counted
+    assert r["wrong_in_scene_chance"] == {"colour": 1 / 5, "position": 1 / 8}  # one other object among 6 / 9 answers
