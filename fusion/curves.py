@@ -1,7 +1,8 @@
 """Learning curves: what the model can do, measured at every validation, against training minutes and tokens.
 
 At each validation a small fixed evaluation runs on validation scenes: the caption's information gain
-(`val/caption_gain`, nats per image), VQA accuracy per question type, and on the shapes world the judge
+(`val/caption_gain`, nats per image against the empty caption; `val/caption_gain_vs_other` against another
+scene's caption), VQA accuracy per question type, and on the shapes world the judge
 per prompt type and per attribute. Each point is logged, appended to curves.json and drawn into curves.png
 in the run folder, so a change to the recipe shows *what* moved and when.
 """
@@ -48,7 +49,8 @@ class LearningCurves(Callback):
         images = [{**s, "image": s["codes"]} for s in self.samples]
         if self.cc.gain_images and len(images) >= 2:
             g = caption_gain(bundle, images[:self.cc.gain_images], self.seq_len, self.world)
-            point["caption_gain"] = g["gain"]
+            point["caption_gain"] = g["gain_vs_empty"]
+            point["caption_gain_vs_other"] = g["gain"]
             if "fraction_of_bound" in g:
                 point["caption_gain_fraction"] = g["fraction_of_bound"]
         if self.cc.vqa_images:
@@ -92,6 +94,9 @@ class LearningCurves(Callback):
               + f"  ({point['eval_s']:.0f} s) -> {self.out / 'curves.png'}", flush=True)
 
 
+LABELS = {"caption_gain": "vs the empty caption (information)", "caption_gain_vs_other": "vs another scene's caption"}
+
+
 def plot_curves(points: list[dict], path: Path) -> Path:
     """Three panels against training minutes (tokens on the top axis): judge, VQA, caption gain."""
     import matplotlib
@@ -106,7 +111,7 @@ def plot_curves(points: list[dict], path: Path) -> Path:
     for ax, (title, prefix) in zip(axes, panels):
         keys = sorted({k for p in points for k in p if k.startswith(prefix) and k != "caption_gain_fraction"})
         for k in keys:
-            ax.plot(x, [p.get(k) for p in points], marker="o", ms=3, label=k.removeprefix(prefix) or k,
+            ax.plot(x, [p.get(k) for p in points], marker="o", ms=3, label=LABELS.get(k, k.removeprefix(prefix)),
                     lw=2 if k.endswith(("all", "single")) else 1)
         ax.set_title(title)
         ax.set_xlabel("training minutes (wall clock, evaluation included)")

@@ -150,12 +150,18 @@ def _device(module) -> torch.device:
 
 def caption_gain(bundle: Bundle, samples: list[dict], seq_len: int, world: WorldConfig | None = None) -> dict:
     """What the caption is worth to the image, in nats per image: the teacher-forced image cross-entropy
-    (summed over the image's tokens) under another scene's caption minus under the image's own, and under
-    the empty caption minus under its own. A model that ignores its prompt scores ~0.
+    (summed over the image's tokens) under the empty caption minus under the image's own (`gain_vs_empty`),
+    and under another scene's caption minus under its own (`gain`). A model that ignores its prompt scores ~0
+    on both.
+
+    `gain_vs_empty` estimates the mutual information between image and caption (training empties some
+    prompts, so the empty caption is the model's unconditional image distribution): it cannot exceed the
+    entropy of what the caption says. `gain` also charges the model for being confidently wrong under a wrong
+    prompt, so it grows past that (a measure of how strongly the prompt steers, not of information).
 
     On the shapes world the captions are rewritten in the template that names everything (size, colour,
-    shape and cell of every object, the background, the word), and the gain is set beside the entropy of
-    what such a caption fixes (`data.shapes.description_entropy`), the most any model can gain.
+    shape and cell of every object, the background, the word), and `gain_vs_empty` is set beside the entropy
+    of what such a caption fixes (`data.shapes.description_entropy`), the most any model can gain.
     """
     if len(samples) < 2:
         raise ValueError("caption_gain needs at least two samples (one's caption is another's wrong caption)")
@@ -174,7 +180,7 @@ def caption_gain(bundle: Bundle, samples: list[dict], seq_len: int, world: World
            "images": len(samples)}
     if world is not None:
         out["bound"] = description_entropy(world)
-        out["fraction_of_bound"] = out["gain"] / out["bound"]
+        out["fraction_of_bound"] = out["gain_vs_empty"] / out["bound"]
     return out
 
 
@@ -258,8 +264,8 @@ def summary_table(report: dict) -> str:
     gain = report.get("caption_gain_test")
     if gain:
         bound = f" of a {gain['bound']:.1f}-nat bound ({gain['fraction_of_bound']:.0%})" if "bound" in gain else ""
-        lines.append(f"caption gain (test)   {gain['gain']:.1f} nats per image{bound}; "
-                     f"{gain['gain_vs_empty']:.1f} vs the empty caption")
+        lines.append(f"caption gain (test)   {gain['gain_vs_empty']:.1f} nats per image vs the empty caption{bound}; "
+                     f"{gain['gain']:.1f} vs another scene's")
     gen = report.get("generation")
     if gen:
         lines.append("generation judge      " + "  ".join(f"{k} {v:.0%}" for k, v in gen["per_type"].items())

@@ -35,8 +35,9 @@ COLUMNS: dict[str, object] = {
     "vqa_all": lambda e, s: e["vqa_test"]["accuracy"],
     **{f"vqa_{k}": (lambda k: lambda e, s: e["vqa_test"]["per_type"].get(k))(k)
        for k in ("colour", "shape", "count", "position", "text")},
-    "caption_gain": lambda e, s: e["caption_gain_test"]["gain"],
-    "gain_fraction": lambda e, s: e["caption_gain_test"].get("fraction_of_bound"),
+    "caption_gain": lambda e, s: e["caption_gain_test"]["gain_vs_empty"],
+    "gain_fraction": lambda e, s: e["caption_gain_test"]["gain_vs_empty"] / e["caption_gain_test"]["bound"],  # no bound: None
+    "gain_vs_other": lambda e, s: e["caption_gain_test"]["gain"],
     "caption_ppl": lambda e, s: e["caption_test"]["perplexity"],
     "steps": lambda e, s: s["steps"],
     "tokens_per_s": lambda e, s: s["tokens_per_s"],
@@ -78,6 +79,9 @@ def read_run(d: Path) -> dict:
             row[name] = None
     curves = d / "curves.json"
     row["curve"] = json.loads(curves.read_text()) if curves.is_file() else []
+    for p in row["curve"]:  # curves written before the gain vs the empty caption was logged held only the other
+        if "caption_gain_vs_other" not in p and "caption_gain" in p:
+            p["caption_gain_vs_other"] = p.pop("caption_gain")
     return row
 
 
@@ -120,7 +124,8 @@ def write_tables(table: dict, out: Path) -> None:
     for v, row in table.items():
         lines.append(f"| {v} | {len(row['seeds'])} | " + " | ".join(fmt(c, row[c]) for c in cols) + " |")
     lines += ["", "Each cell: the mean over seeds, then each seed's value in brackets. judge_* and vqa_* are the test "
-              "split's pass rate / accuracy; caption_gain is nats per image (gain_fraction: of the world's bound)."]
+              "split's pass rate / accuracy; caption_gain is nats per image against the empty caption (gain_fraction: of the world's bound), gain_vs_other "
+              "against another scene's caption."]
     (out / "study.md").write_text("\n".join(lines) + "\n")
     with (out / "study.csv").open("w", newline="") as f:
         w = csv.writer(f)
@@ -140,7 +145,7 @@ def plot_study(curves: dict[str, list[list[dict]]], path: Path) -> None:
 
     measures = [("judge_single", "judge, single object"), ("judge_all", "judge, all prompt types"),
                 ("vqa_colour", "VQA colour"), ("vqa_shape", "VQA shape"), ("vqa_count", "VQA count"),
-                ("vqa_position", "VQA position"), ("caption_gain", "caption gain (nats per image)")]
+                ("vqa_position", "VQA position"), ("caption_gain_vs_other", "caption gain vs another's caption (nats)")]
     fig, axes = plt.subplots(2, 4, figsize=(18, 8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes.flat, measures):
@@ -153,7 +158,7 @@ def plot_study(curves: dict[str, list[list[dict]]], path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("training steps")
         ax.grid(alpha=0.3)
-        if key != "caption_gain":
+        if not key.startswith("caption_gain"):
             ax.set_ylim(-0.02, 1.02)
     axes.flat[-1].axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()

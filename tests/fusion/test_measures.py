@@ -34,11 +34,13 @@ def scenes(vocab, n: int, shuffled: bool, seed: int) -> list[dict]:
 
 
 def train(vocab, samples: list[dict], steps: int = 120) -> torch.nn.Module:
+    """A few steps on caption -> image documents, one prompt in five emptied (as training does, for CFG)."""
     torch.manual_seed(0)
     dec = tiny_decoder(vocab).train()
     packer = Packer(64, vocab.pad)
-    packed = [p for s in samples for p in packer.add(tokenize(vocab, [Segment.txt(s["caption"], loss=False),
-                                                                      Segment.img(s["image"])]))]
+    packed = [p for i, s in enumerate(samples)
+              for p in packer.add(tokenize(vocab, [Segment.txt("" if i % 5 == 4 else s["caption"], loss=False),
+                                                   Segment.img(s["image"])]))]
     packed += packer.flush()
     opt = torch.optim.AdamW(dec.parameters(), lr=3e-3)
     for step in range(steps):
@@ -62,9 +64,11 @@ def gain(shuffled: bool) -> dict:
 
 def test_caption_gain_is_what_the_caption_fixes_and_nothing_when_captions_are_shuffled():
     real, shuffled = gain(shuffled=False), gain(shuffled=True)
-    # the caption picks one of four patterns: worth log 4 nats against no caption, more against a wrong one
-    assert real["gain"] > 3.0 and real["gain_vs_empty"] > 0.7 * math.log(4)
-    assert abs(shuffled["gain"]) < 0.5  # (no caption at all was never seen in training: no claim on gain_vs_empty)
+    # the caption picks one of four equally likely patterns: I(image; caption) = log 4 nats, which the gain
+    # against the empty caption estimates; against a wrong caption the model is confidently wrong: far more
+    assert 0.7 * math.log(4) < real["gain_vs_empty"] < 1.3 * math.log(4)
+    assert real["gain"] > 3 * math.log(4)
+    assert abs(shuffled["gain"]) < 0.5 and abs(shuffled["gain_vs_empty"]) < 0.5
     assert real["images"] == shuffled["images"] == 32 and "bound" not in real
 
 
