@@ -106,6 +106,22 @@ class DecoderConfig:
         return 6 * self.non_embedding_params() + 6 * self.num_layers * seq_len * self.hidden_size
 
 
+def grid_cells(input_ids: torch.Tensor, layout: dict) -> torch.Tensor:
+    """[..., T, 2]: each image code's (row + 1, column + 1) in its image, 0 for every other token.
+
+    Read off the sequence itself: a code's place is its distance from the last <boi> before it
+    (rows are `row_len` long, the <eol> included). Whole sequences only; a sampler feeding one
+    token at a time passes the cells it knows instead (fusion/generate.py).
+    """
+    idx = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+    last_boi = torch.where(input_ids == layout["boi"], idx, -1).cummax(-1).values
+    body = idx - last_boi - 1
+    row, col = body.div(layout["row_len"], rounding_mode="floor"), body % layout["row_len"]
+    code = ((input_ids >= layout["code_offset"]) & (input_ids < layout["code_offset"] + layout["num_codes"])
+            & (last_boi >= 0) & (row < layout["grid"]) & (col < layout["grid"]))
+    return torch.stack([torch.where(code, row + 1, 0), torch.where(code, col + 1, 0)], dim=-1)
+
+
 class Decoder(nn.Module):
     """A causal LM over the joint vocabulary, returning logits and (given labels) its losses."""
 
@@ -135,6 +151,13 @@ class Decoder(nn.Module):
             for e in (self.image_rows, self.image_cols):
                 nn.init.normal_(e.weight, std=cfg.init_std)
                 e.weight.data[0].zero_()
+        if hasattr(self.lm, "image_rows"):  # started from a fusion.export folder: its 2-D embeddings are ours
+            rows, cols = self.lm.image_rows, self.lm.image_cols
+            del self.lm.image_rows, self.lm.image_cols  # (unused inside: this module embeds, the LM gets embeddings)
+            self.lm.config.image_pos_embed = False
+            if cfg.image_pos_embed and rows.weight.shape == self.image_rows.weight.shape:
+                self.image_rows.weight.data.copy_(rows.weight.data)
+                self.image_cols.weight.data.copy_(cols.weight.data)
         if cfg.code_features:
             from torch.nn.utils import parametrize
 
@@ -148,20 +171,7 @@ class Decoder(nn.Module):
         return self.lm.get_input_embeddings()
 
     def grid_cells(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[..., T, 2]: each image code's (row + 1, column + 1) in its image, 0 for every other token.
-
-        Read off the sequence itself: a code's place is its distance from the last <boi> before it
-        (rows are `row_len` long, the <eol> included). Whole sequences only; a sampler feeding one
-        token at a time passes the cells it knows instead (fusion/generate.py).
-        """
-        lay = self.cfg.image_layout
-        idx = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
-        last_boi = torch.where(input_ids == lay["boi"], idx, -1).cummax(-1).values
-        body = idx - last_boi - 1
-        row, col = body.div(lay["row_len"], rounding_mode="floor"), body % lay["row_len"]
-        code = ((input_ids >= lay["code_offset"]) & (input_ids < lay["code_offset"] + lay["num_codes"])
-                & (last_boi >= 0) & (row < lay["grid"]) & (col < lay["grid"]))
-        return torch.stack([torch.where(code, row + 1, 0), torch.where(code, col + 1, 0)], dim=-1)
+        return grid_cells(input_ids, self.cfg.image_layout)
 
     def set_code_pixels(self, pixels: torch.Tensor) -> None:
         """Fill the "pixels" code features [num_codes, code_pixel_dim] (fusion.train: the decoded patches)."""

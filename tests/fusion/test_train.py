@@ -145,3 +145,55 @@ def test_study_trains_each_variant_per_seed_and_tabulates(tiny_codes, shapes_roo
     again = run_module("fusion.study", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={out}",
                        "collect_only=true", "only=[wsd]")
     assert "| wsd |" in again.stdout and "fusion.train" not in again.stdout
+
+
+@pytest.mark.slow
+def test_export_loads_with_auto_classes_and_computes_what_the_decoder_does(trained, tmp_path):
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+
+    import fusion  # noqa: F401 - registers the "vqfusion" model type
+    from fusion.decoder import Decoder, DecoderConfig
+    from fusion.hf import ImageGridLogitsProcessor
+
+    out = tmp_path / "export"
+    proc = run_module("fusion.export", f"model_dir={trained / 'model'}", f"out={out}")
+    assert "exported" in proc.stdout
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md",
+                 "image_tokenizer/config.json"):
+        assert (out / name).is_file(), name
+    bundle = load_bundle(trained / "model")
+    v = bundle.vocab
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert type(model).__name__ == "VQFusionForCausalLM" and len(tok) == v.size
+    text = "A picture of a red circle."
+    assert tok(text, add_special_tokens=False)["input_ids"] == v.encode_text(text)
+    assert tok.convert_tokens_to_ids(["<boi>", "<code_0>"]) == [v.boi, v.code_offset]
+    # two images in one sequence: the 2-D positions of each are read off the ids
+    codes = np.random.default_rng(0).integers(0, v.num_codes, (2, v.layout.grid, v.layout.grid))
+    ids = torch.tensor([[v.bos, *v.encode_text(text), *v.encode_image(codes[0]), *v.encode_text("Q: A:"),
+                         *v.encode_image(codes[1]), v.eos]])
+    with torch.no_grad():
+        ours = bundle.decoder(input_ids=ids).logits
+        assert torch.allclose(model(input_ids=ids).logits, ours, atol=1e-5)
+        # started again from the export (decoder.init_from): the same function, ready to train on
+        again = Decoder(DecoderConfig(**{**bundle.decoder.cfg.to_dict(), "init_from": str(out)}), v.size).eval()
+        assert torch.allclose(again(input_ids=ids).logits, ours, atol=1e-5)
+    # generate() with the grid constraint and transformers' own classifier-free guidance = fusion's sampler
+    prompt = [v.bos, *v.encode_text(text), v.boi]
+    for scale in (1.0, 3.0):
+        sc = SamplingConfig(temperature=0, cfg_scale=scale, max_new_tokens=v.layout.span_len)
+        want = Generator(bundle.decoder, v).generate([prompt], sc)[0]
+        x = torch.tensor([prompt])
+        guidance = {"guidance_scale": scale, "negative_prompt_ids": torch.tensor([[v.bos, v.boi]])} if scale != 1 else {}
+        got = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                             max_new_tokens=v.layout.span_len - 1,
+                             logits_processor=LogitsProcessorList([ImageGridLogitsProcessor(model.config)]), **guidance)
+        got = got[0, x.shape[1]:].tolist()
+        assert got == want[:len(got)] and v.decode_image([v.boi, *got]).shape == (v.layout.grid,) * 2
+
+
+def test_export_refuses_what_it_cannot_write_in_one_line(tmp_path):
+    proc = run_module("fusion.export", f"model_dir={tmp_path / 'nothing'}", f"out={tmp_path / 'out'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no trained model at")

@@ -1,0 +1,119 @@
+"""The decoder as a transformers model of its own type, "vqfusion": what `fusion.export` writes and what
+`AutoConfig` / `AutoModelForCausalLM` load after `import fusion` (the package registers both classes; nothing
+is downloaded and no remote code runs).
+
+It is Qwen3 (QK-norm attention) with one addition: the 2-D position of each image code, a learned row and a
+learned column embedding added to the code's input embedding. The cells are read off the token sequence
+(`fusion.decoder.grid_cells`); when a forward sees only the newest tokens (generation with a KV cache, also
+the unconditional stream of transformers' classifier-free guidance), the ids seen so far ride on the cache
+object. Code features (FSQ levels, decoded pixels) are folded into plain embedding and head tables by the
+export, so the model here needs nothing but its weights.
+
+`ImageGridLogitsProcessor` is the sampler's grid constraint for `generate()`: inside an image span exactly
+the layout's token may come next (a code, <eol>, <eoi>); outside one, no code, <eol> or <eoi>.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from fusion.decoder import grid_cells
+
+MODEL_TYPE = "vqfusion"
+SEEN = "vqfusion_seen_ids"  # the ids a cache has seen, so a forward over only the newest tokens can place them
+
+
+class VQFusionConfig(Qwen3Config):
+    """Qwen3's config plus the image layout (boi id, code id range, grid, row length) and whether image codes
+    get 2-D position embeddings."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, image_layout: dict | None = None, image_pos_embed: bool = False, **kwargs):
+        self.image_layout = image_layout
+        self.image_pos_embed = image_pos_embed
+        super().__init__(**kwargs)
+        if image_pos_embed and not image_layout:
+            raise ValueError("image_pos_embed needs image_layout")
+
+
+class VQFusionForCausalLM(Qwen3ForCausalLM):
+    config_class = VQFusionConfig
+
+    def __init__(self, config: VQFusionConfig):
+        super().__init__(config)
+        if config.image_pos_embed:  # index 0: not an image code (kept at zero)
+            grid = config.image_layout["grid"]
+            self.image_rows = nn.Embedding(grid + 1, config.hidden_size, padding_idx=0)
+            self.image_cols = nn.Embedding(grid + 1, config.hidden_size, padding_idx=0)
+        self.post_init()
+
+    def embed(self, input_ids: torch.Tensor, image_cells: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.get_input_embeddings()(input_ids)
+        if self.config.image_pos_embed:
+            cells = grid_cells(input_ids, self.config.image_layout) if image_cells is None else image_cells
+            x = x + self.image_rows(cells[..., 0]) + self.image_cols(cells[..., 1])
+        return x
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, image_cells=None, **kwargs):
+        """Qwen3's forward; `image_cells` [b, t, 2], the codes' (row + 1, column + 1), may be given; by default
+        they are read off the ids (those on the cache first, when it holds earlier tokens)."""
+        seen = None
+        if inputs_embeds is None and input_ids is not None:
+            if self.config.image_pos_embed and image_cells is None:
+                past = getattr(cache, SEEN, None) if cache is not None and cache.get_seq_length() > 0 else None
+                seen = input_ids if past is None else torch.cat([past, input_ids], dim=1)
+                image_cells = grid_cells(seen, self.config.image_layout)[:, -input_ids.shape[1]:]
+            inputs_embeds, input_ids = self.embed(input_ids, image_cells), None
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                              logits_to_keep=logits_to_keep, **kwargs)
+        if seen is not None and out.get("cache") is not None:
+            setattr(out["cache"], SEEN, seen)
+        return out
+
+
+class ImageGridLogitsProcessor:
+    """transformers LogitsProcessor: every image span gets exactly the layout's grid (codes, <eol> at row ends
+    when the layout has them, <eoi> after the last row); text never holds a code, <eol> or <eoi>."""
+
+    def __init__(self, config: VQFusionConfig):
+        lay = config.image_layout
+        self.boi, self.grid, self.row_len = lay["boi"], lay["grid"], lay["row_len"]
+        self.codes = slice(lay["code_offset"], lay["code_offset"] + lay["num_codes"])
+        self.eoi, self.eol = lay["eoi"], lay["eol"]
+        self.span = 2 + self.grid * self.row_len
+
+    def allowed(self, row: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        where = (row == self.boi).nonzero()
+        offset = row.shape[0] - int(where[-1]) if len(where) else self.span  # the next token's place after <boi>
+        if offset >= self.span:  # no span open: text
+            mask[:] = True
+            mask[self.codes] = False
+            mask[[self.eol, self.eoi]] = False
+            return mask
+        body = offset - 1
+        if body >= self.grid * self.row_len:
+            mask[self.eoi] = True
+        elif body % self.row_len == self.grid:
+            mask[self.eol] = True
+        else:
+            mask[self.codes] = True
+        return mask
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        mask = torch.stack([self.allowed(r, scores.shape[-1]) for r in input_ids.cpu()]).to(scores.device)
+        return scores.masked_fill(~mask, float("-inf"))
+
+
+def register() -> None:
+    """Make AutoConfig / AutoModelForCausalLM know "vqfusion" (idempotent)."""
+    try:
+        AutoConfig.register(MODEL_TYPE, VQFusionConfig)
+        AutoModelForCausalLM.register(VQFusionConfig, VQFusionForCausalLM)
+    except ValueError:  # registered already
+        pass
