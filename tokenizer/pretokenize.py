@@ -82,7 +82,8 @@ def encode_shard(job: tuple[str, str, str, int]) -> dict:
 def check_tokenizer_meta(out: Path, tokenizer_dir: str) -> dict:
     meta = read_tokenizer_meta(tokenizer_dir)
     want = {"fingerprint": meta["fingerprint"], "grid": meta["grid"], "num_codes": meta["num_codes"],
-            "resolution": meta["config"]["resolution"], "tokenizer_dir": str(tokenizer_dir)}
+            "resolution": meta["config"]["resolution"],
+            "tokenizer_dir": str(Path(tokenizer_dir).resolve())}  # absolute: training may run from elsewhere
     path = out / TOKENIZER_META
     if path.exists():
         have = json.loads(path.read_text())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import TINY_TOKENIZER, run_module
+from tests.conftest import ROOT, TINY_TOKENIZER, run_module
 from tokenizer.pretokenize import codes_from_bytes
 
 TINY = TINY_TOKENIZER
@@ -52,7 +52,9 @@ def test_pretokenize_is_parallel_resumable_and_carries_text(trained, shapes_root
     out = tmp_path / "codes"
     args = [f"tokenizer_dir={trained / 'tokenizer'}", f"data.root={shapes_root}", f"out={out}",
             "splits=[train,val]", "workers=2", "batch_size=32"]
-    run_module("tokenizer.pretokenize", *args)
+    # from another folder, with a relative tokenizer_dir: the codes record where it is absolutely
+    run_module("tokenizer.pretokenize", "tokenizer_dir=tokenizer", *args[1:], cwd=trained, env={"PYTHONPATH": str(ROOT)})
+    assert json.loads((out / "_tokenizer.json").read_text())["tokenizer_dir"] == str((trained / "tokenizer").resolve())
     shards = sorted((out / "train").glob("*.tar"))
     assert [p.name for p in shards] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
     with tarfile.open(shards[0]) as t:
