@@ -24,9 +24,6 @@ from fusion.checkpoint import load_bundle
 from fusion.hf import VQFusionConfig, VQFusionForCausalLM
 from fusion.vocab import SPECIALS, MultimodalVocab
 
-FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "image_tokenizer", "README.md")
-
-
 def code_token(i: int) -> str:
     return f"<code_{i}>"
 
@@ -79,10 +76,9 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     hf_tokenizer(vocab).save_pretrained(out)
-    sampling = bundle.meta.get("sampling", {})
+    # the project's sampling defaults (conf/evaluate_fusion.yaml: T 0.7, top-k 20); CFG needs negative_prompt_ids
     GenerationConfig(bos_token_id=vocab.bos, eos_token_id=vocab.eos, pad_token_id=vocab.pad, do_sample=True,
-                     temperature=sampling.get("temperature", 0.7), top_k=sampling.get("top_k", 20),
-                     max_new_tokens=vocab.layout.span_len + 1).save_pretrained(out)
+                     temperature=0.7, top_k=20, max_new_tokens=vocab.layout.span_len - 1).save_pretrained(out)
     shutil.copytree(Path(model_dir) / "image_tokenizer", out / "image_tokenizer", dirs_exist_ok=True)
     (out / "README.md").write_text(model_card(model_dir, bundle, cfg))
     return out
@@ -129,7 +125,7 @@ tok = AutoTokenizer.from_pretrained(DIR)
 
 ## Limits
 
-Trained on {bundle.meta.get("data", "the procedural shapes world")} only: it knows that world's vocabulary and
+Trained only on the data of its run (the run folder's config.yaml names it): it knows that data's words and
 images and nothing else. Sampling an image needs the grid constraint (exactly {v.layout.grid * v.layout.grid}
 codes, then `<eoi>`); the project's `fusion.sample` applies it.
 """

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from fusion.decoder import grid_cells
+from fusion.vocab import ImageLayout
 
 MODEL_TYPE = "vqfusion"
 SEEN = "vqfusion_seen_ids"  # the ids a cache has seen, so a forward over only the newest tokens can place them
@@ -82,27 +83,24 @@ class ImageGridLogitsProcessor:
 
     def __init__(self, config: VQFusionConfig):
         lay = config.image_layout
-        self.boi, self.grid, self.row_len = lay["boi"], lay["grid"], lay["row_len"]
+        self.layout = ImageLayout(lay["grid"], row_separator=lay["row_len"] > lay["grid"])  # what comes where
+        self.boi, self.eoi, self.eol = lay["boi"], lay["eoi"], lay["eol"]
         self.codes = slice(lay["code_offset"], lay["code_offset"] + lay["num_codes"])
-        self.eoi, self.eol = lay["eoi"], lay["eol"]
-        self.span = 2 + self.grid * self.row_len
 
     def allowed(self, row: torch.Tensor, vocab_size: int) -> torch.Tensor:
         mask = torch.zeros(vocab_size, dtype=torch.bool)
         where = (row == self.boi).nonzero()
-        offset = row.shape[0] - int(where[-1]) if len(where) else self.span  # the next token's place after <boi>
-        if offset >= self.span:  # no span open: text
+        offset = row.shape[0] - int(where[-1]) if len(where) else self.layout.span_len  # the next token's place
+        if offset >= self.layout.span_len:  # no span open: text
             mask[:] = True
             mask[self.codes] = False
             mask[[self.eol, self.eoi]] = False
             return mask
-        body = offset - 1
-        if body >= self.grid * self.row_len:
-            mask[self.eoi] = True
-        elif body % self.row_len == self.grid:
-            mask[self.eol] = True
-        else:
+        kind = self.layout.kind_at(offset)
+        if kind == "code":
             mask[self.codes] = True
+        else:
+            mask[self.eol if kind == "eol" else self.eoi] = True
         return mask
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
