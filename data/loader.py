@@ -16,6 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from data.runtime import UserError
 from data.shards import DecodePolicy, ReadStats, ShardError, decoded_samples, expand_shards, tar_samples
 
 
@@ -261,11 +262,18 @@ class EpochLoader:
         it = self._batches(iter(loader))
         for _ in range(skip):
             next(it, None)
+        yielded = 0
         while True:
             batch = next(it, None)
             if not _all_ranks_have(batch is not None):
+                if yielded == 0 and skip == 0:  # else every later epoch is empty too: training would spin forever
+                    samples = [sum(r) for r in self.plan.samples]
+                    raise UserError(f"an epoch of the training shards gives no full batch: {min(samples)} samples on "
+                                    f"the smallest of {len(samples)} rank(s), fewer than one batch after filtering "
+                                    "and packing; lower the batch size or add training data")
                 return
             self._yielded += 1
+            yielded += 1
             yield batch
 
     def _batches(self, it):

@@ -44,6 +44,13 @@ def _loader(pattern, workers, steps=None, batch=8):
                         workers, steps=steps)
 
 
+def test_training_data_smaller_than_one_batch_stops_in_one_line_instead_of_spinning(uneven_shards):
+    from data.runtime import UserError
+
+    with pytest.raises(UserError, match=r"no full batch: \d+ samples .* lower the batch size or add training data"):
+        next(iter(_loader(uneven_shards, 0, batch=1000)))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_one_epoch_reads_each_sample_at_most_once(uneven_shards, workers):
     loader = _loader(uneven_shards, workers)
