@@ -64,17 +64,22 @@ def packed_sequences(samples: Iterable[dict], vocab: MultimodalVocab, seq_len: i
     """
     rng = random.Random(seed)
     packer = Packer(seq_len, vocab.pad)
+    documents = 0
     for s in samples:
         if "__skip__" in s or "__shard_done__" in s:
             yield s
             continue
+        if not mix.in_curriculum(s["meta"], documents):
+            yield {"__read__": s["notes"]}
+            continue
+        documents += 1
         qa = s["meta"].get("qa") or []
         task = mix.pick(rng, has_qa=bool(qa))
         if task in ("caption", "text") and not s["caption"]:
             task = "t2i"  # nothing to learn to say; it can still be drawn unconditionally
         yield {"__read__": s["notes"]}
         image = s["codes"] if pixels is None else pixels(s["image"])
-        doc = make_document(task, image, s["caption"], qa, rng, mix)
+        doc = make_document(task, image, s["caption"], qa, rng, mix, s["meta"])
         if pixels is not None and task in WRITING_TASKS:
             continue
         for p in packer.add(tokenize(vocab, doc, placeholders=placeholders, key=s["key"])):

@@ -3,7 +3,7 @@
 Every sample (an image as codes or pixels + caption + the shapes world's QA, when present) becomes one document:
   t2i        caption -> image                (writes images; the caption is emptied now and then for CFG)
   caption    image -> caption                (reads images)
-  vqa        image -> Q: .. A: .. per line   (reads images; loss on the answers only)
+  vqa        image -> Q: .. A: .. per line   (reads images; loss on the answers, and on the codes if read_image_loss)
   interleave caption -> image -> Q/A         (text, image, text in one document)
   text       caption alone                   (plain language modelling)
 """
@@ -34,11 +34,42 @@ class TaskMix:
                                                                "interleave": 0.05, "text": 0.05})
     cond_dropout: float = 0.1  # share of t2i prompts emptied, so classifier-free guidance has an unconditional model
     max_qa: int = 12
+    # image -> caption documents rewrite the caption in this template of the shapes world (0 names every
+    # object's size, colour, shape and cell) when the sample carries its scene; None: the caption as stored
+    caption_template: int | None = None
+    # curriculum: the first `curriculum_documents` documents (per data stream) come only from scenes with at
+    # most `curriculum_max_objects` objects; the other samples are read and passed over. 0: off
+    curriculum_documents: int = 0
+    curriculum_max_objects: int = 1
+    # image -> text documents (caption, vqa) also train on their image's codes, unconditionally (Chameleon and
+    # Emu3 train on every token): predicting an object's next code without a caption needs what reading needs,
+    # features at the image's own positions that say what each object is. False: loss on the text only
+    read_image_loss: bool = False
 
     def __post_init__(self):
         unknown = set(self.weights) - set(TASKS)
         if unknown:
             raise ValueError(f"unknown tasks {sorted(unknown)}; known: {TASKS}")
+        if self.caption_template is not None and self.caption_template not in range(4):
+            raise ValueError(f"caption_template must be 0-3 or null, got {self.caption_template!r}")
+        if self.curriculum_documents < 0 or self.curriculum_max_objects < 1:
+            raise ValueError("curriculum needs documents >= 0 and max_objects >= 1, got "
+                             f"{self.curriculum_documents} / {self.curriculum_max_objects}")
+
+    def in_curriculum(self, meta: dict, documents_so_far: int) -> bool:
+        """False for a sample the curriculum passes over at this point of the stream."""
+        if documents_so_far >= self.curriculum_documents:
+            return True
+        scene = meta.get("scene")
+        return scene is None or len(scene.get("objects") or []) <= self.curriculum_max_objects
+
+    def reading_caption(self, caption: str, meta: dict) -> str:
+        """The caption an image -> caption document asks for."""
+        if self.caption_template is None or not meta.get("scene"):
+            return caption
+        from data.shapes import Scene, caption as describe
+
+        return describe(Scene.from_json(meta["scene"]), random.Random(0), template=self.caption_template)
 
     def pick(self, rng: random.Random, has_qa: bool) -> str:
         tasks = [t for t, w in self.weights.items() if w > 0 and (has_qa or t not in ("vqa", "interleave"))]
@@ -54,14 +85,15 @@ def qa_segments(qa: list[dict], rng: random.Random, max_qa: int) -> list[Segment
 
 
 def make_document(task: str, image, caption: str, qa: list[dict], rng: random.Random,
-                  mix: TaskMix) -> list[Segment]:
+                  mix: TaskMix, meta: dict | None = None) -> list[Segment]:
     if task == "t2i":
         prompt = "" if rng.random() < mix.cond_dropout else caption
         return [Segment.txt(prompt, loss=False), Segment.img(image, loss=True)]
     if task == "caption":
-        return [Segment.img(image, loss=False), Segment.txt(caption, loss=True)]
+        return [Segment.img(image, loss=mix.read_image_loss), Segment.txt(mix.reading_caption(caption, meta or {}),
+                                                                          loss=True)]
     if task == "vqa":
-        return [Segment.img(image, loss=False), *qa_segments(qa, rng, mix.max_qa)]
+        return [Segment.img(image, loss=mix.read_image_loss), *qa_segments(qa, rng, mix.max_qa)]
     if task == "interleave":
         return [Segment.txt(caption, loss=False), Segment.img(image, loss=True), *qa_segments(qa, rng, 3)]
     if task == "text":

@@ -8,6 +8,8 @@ train_summary.json.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import json
 import time
@@ -169,14 +171,19 @@ def train(cfg: DictConfig) -> dict:
 
         seed_code_embeddings(module.decoder, vocab.code_offset, vocab.num_codes, tok_meta["grid"],
                              load_tokenizer(tokenizer_dir), seed=cfg.seed)
-    mix = TaskMix(weights=dict(cfg.tasks), cond_dropout=cfg.cond_dropout, max_qa=cfg.get("max_qa", 12))
+    curriculum = cfg.get("curriculum") or {}
+    mix = TaskMix(weights=dict(cfg.tasks), cond_dropout=cfg.cond_dropout, max_qa=cfg.get("max_qa", 12),
+                  caption_template=cfg.get("caption_template"), read_image_loss=bool(cfg.get("read_image_loss")),
+                  curriculum_documents=int(curriculum.get("documents", 0)),
+                  curriculum_max_objects=int(curriculum.get("max_objects", 1)))
     if cfg.arm == "fusion":
         sources, extra = (str(codes / "train"), str(codes / "val")), {}
     else:  # the adapter reads the image shards the codes were made from: same keys, same order
         sources = (cfg.data.train, cfg.data.val)
         extra = {"pixels": ImageTransform(cfg.tower.image_size), "placeholders": module.image_encoder.tokens_per_image}
-    val_data = in_order(sources[1], sequence_stages(vocab, cfg.seq_len, t.batch_size, mix, seed=1234, shuffle_buffer=0,
-                                                    **extra))
+    val_mix = dataclasses.replace(mix, curriculum_documents=0)
+    val_data = in_order(sources[1], sequence_stages(vocab, cfg.seq_len, t.batch_size, val_mix, seed=1234,
+                                                    shuffle_buffer=0, **extra))
     captions = [s["caption"] for _, s in zip(range(cfg.samples.count),
                                               iter_code_samples(str(codes / "val"), tok_meta["grid"], tok_meta["num_codes"]))]
     sc = SamplingConfig(temperature=cfg.samples.temperature, top_k=cfg.samples.top_k, cfg_scale=cfg.samples.cfg_scale,

@@ -64,3 +64,62 @@ def test_packed_documents_do_not_see_each_other(vocab):
             logits = dec(input_ids=t["input_ids"][None], position_ids=t["position_ids"][None]).logits[0]
         outs.append(logits[start:start + len(b)])
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_curriculum_and_caption_template_shape_the_document_stream(vocab):
+    """The first documents of a curriculum come only from small scenes (the rest are read and passed over);
+    reading captions can be rewritten in the template that names every object's cell."""
+    from data.shapes import WorldConfig, caption, make_sample, Scene
+    from fusion.data import packed_sequences
+    from fusion.documents import TaskMix
+
+    world = WorldConfig()
+    samples = []
+    for i in range(40):
+        s = make_sample(world, "train", i)
+        samples.append({"key": f"{i:04d}", "codes": random_codes(vocab), "caption": s["caption"], "meta": s["meta"],
+                        "notes": {}})
+    sizes = {s["key"]: len(s["meta"]["scene"]["objects"]) for s in samples}
+    assert sum(n == 1 for n in sizes.values()) >= 3 and max(sizes.values()) > 1
+
+    def keys(mix):
+        out = []
+        for item in packed_sequences(samples, vocab, 4096, mix, seed=0):
+            if "packed" in item:
+                out += item["packed"].keys
+        return out
+
+    plain = keys(TaskMix())
+    assert len(plain) == 40
+    curriculum = keys(TaskMix(curriculum_documents=3, curriculum_max_objects=1))
+    stream = [s["key"] for s in samples]
+    singles = [k for k in stream if sizes[k] == 1]
+    third = stream.index(singles[2])
+    assert sorted(curriculum[:3]) == singles[:3]
+    assert sorted(curriculum) == sorted(singles[:3] + stream[third + 1:])  # later, every sample again
+
+    mix = TaskMix(weights={"caption": 1.0}, caption_template=0)
+    scene = Scene.from_json(samples[0]["meta"]["scene"])
+    full = caption(scene, None, template=0)
+    assert mix.reading_caption(samples[0]["caption"], samples[0]["meta"]) == full
+    assert mix.reading_caption("an emoji", {}) == "an emoji"  # no scene: the caption as stored
+    text = vocab.decode_text([t for t in next(i for i in packed_sequences(samples[:1], vocab, 4096, mix, seed=0)
+                                              if "packed" in i)["packed"].input_ids.tolist()
+                              if t < vocab.text_size])
+    assert full in text
+    with pytest.raises(ValueError, match="caption_template"):
+        TaskMix(caption_template=7)
+
+
+def test_reading_documents_train_on_their_image_only_when_asked(vocab):
+    import random
+
+    from fusion.documents import TaskMix, make_document
+
+    qa = [{"type": "colour", "q": "What colour is the circle?", "a": "red"}]
+    for read_image_loss, image_targets in ((False, 0), (True, vocab.layout.span_len)):
+        mix = TaskMix(read_image_loss=read_image_loss)
+        for task in ("vqa", "caption"):
+            doc = tokenize(vocab, make_document(task, random_codes(vocab), "A red circle.", qa, random.Random(0), mix))
+            p = pack([doc], 512, vocab.pad)
+            assert int(((p.labels != IGNORE) & (p.modality == 1)).sum()) == image_targets, task
