@@ -36,7 +36,12 @@ def fetch_font(cache: Path) -> Path:
         return found[0]
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", PACKAGE], cwd=tmp, check=True, capture_output=True)
+        try:
+            subprocess.run(["apt-get", "download", PACKAGE], cwd=tmp, check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            raise SystemExit(f"error: could not download {PACKAGE} with apt-get ({detail.decode(errors='replace').strip()[:200] or e}); "
+                             f"pass --font PATH/{FONT_NAME}")
         deb = next(Path(tmp).glob(f"{PACKAGE}_*.deb"))
         subprocess.run(["dpkg-deb", "-x", str(deb), str(cache)], check=True)
     return next(cache.rglob(FONT_NAME))
@@ -48,8 +53,8 @@ def render_emoji(font: ImageFont.FreeTypeFont, ch: str, size: int = 136) -> Imag
     return img
 
 
-def emoji_corpus(font_path: Path, out: Path, test_every: int = 8) -> list[dict]:
-    """Render every emoji with a glyph of its own into out/{train,test}/; returns the caption rows."""
+def emoji_corpus(font_path: Path, out: Path, test_every: int = 8, limit: int | None = None) -> list[dict]:
+    """Render every emoji with a glyph of its own (the first `limit`) into out/{train,test}/; returns the rows."""
     font = ImageFont.truetype(str(font_path), 109)  # the size the CBDT bitmaps are stored at
     missing = np.asarray(render_emoji(font, "\ue000"))  # what a code point without a glyph looks like
     rows = []
@@ -63,6 +68,8 @@ def emoji_corpus(font_path: Path, out: Path, test_every: int = 8) -> list[dict]:
             arr = np.asarray(img)
             if arr[..., 3].max() == 0 or np.array_equal(arr, missing):
                 continue
+            if limit is not None and len(rows) >= limit:
+                return rows
             split = "test" if len(rows) % test_every == 0 else "train"
             (out / split).mkdir(parents=True, exist_ok=True)
             img.save(out / split / f"u{cp:05x}.png")
@@ -74,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data.emoji", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("artifacts/emoji"))
     ap.add_argument("--font", type=Path, default=None, help="NotoColorEmoji.ttf (default: from the Debian package)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N emoji (tests)")
     args = ap.parse_args(argv)
     font = args.font or fetch_font(args.out / "font")
     corpus = args.out / "corpus"
-    rows = emoji_corpus(font, corpus)
+    rows = emoji_corpus(font, corpus, limit=args.limit)
     for split in ("train", "test"):
         caps = corpus / f"captions_{split}.jsonl"
         caps.write_text("".join(json.dumps(r) + "\n" for r in rows if r["split"] == split))

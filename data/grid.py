@@ -39,3 +39,25 @@ def save_grid(rows, path: str | Path, scale: int = 1) -> Path:
 
 def images_to_uint8(batch: torch.Tensor) -> np.ndarray:
     return (batch.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_labelled(items: list[tuple[Image.Image, str]], path: str | Path, scale: int = 2, text_width: int = 420) -> Path:
+    """One row per (image, text): the image upscaled, the text beside it (wrapped), on white."""
+    from PIL import ImageDraw
+    import textwrap
+
+    if not items:
+        raise ValueError("nothing to draw")
+    side = max(max(im.width, im.height) for im, _ in items) * scale
+    row_h = max(side, 14 * 3) + 4
+    canvas = Image.new("RGB", (side + text_width + 12, row_h * len(items) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (im, text) in enumerate(items):
+        im = im.convert("RGB")
+        canvas.paste(im.resize((im.width * scale, im.height * scale), Image.NEAREST), (4, 4 + i * row_h))
+        lines = textwrap.wrap(text, width=max(10, text_width // 7))[: max(1, row_h // 13)]
+        draw.multiline_text((side + 10, 4 + i * row_h), "\n".join(lines), fill=(0, 0, 0), spacing=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

@@ -18,9 +18,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.grid import save_grid, to_pil
+from data.grid import save_grid, save_labelled, to_pil
 from data.runtime import UserError, cli, run_dir_of, save_resolved_config, write_json
-from data.shapes import COLOURS, COLS, ROWS, SHAPES, Scene, WorldConfig, caption, description_entropy, position_name
+from data.shapes import (COLOURS, COLS, ROWS, SHAPES, Scene, WorldConfig, caption, description_entropy, position_name,
+                         world_of)
 from fusion.checkpoint import Bundle, load_bundle
 from data.loader import ImageTransform
 from data.shards import iter_samples
@@ -216,11 +217,101 @@ def generation_scores(bundle: Bundle, world: WorldConfig, n_per_type: int, sc: S
     return out
 
 
+def greedy_captions(bundle: Bundle, images: list, max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+    """What the model says about each image (greedy, after the image, until <eos>)."""
+    v, gen = bundle.vocab, Generator(bundle.decoder, bundle.vocab, bundle.image_encoder)
+    sc = SamplingConfig(temperature=0, allow_images=False, max_new_tokens=max_new_tokens)
+    out = []
+    for i in range(0, len(images), batch_size):
+        docs = [tokenize(v, [Segment.img(im, loss=False)], add_eos=False, placeholders=bundle.placeholders)
+                for im in images[i:i + batch_size]]
+        rows = gen.generate([d.ids for d in docs], sc, images=[d.images for d in docs] if bundle.arm == "adapter" else None)
+        out += [v.decode_text(r).strip() for r in rows]
+    return out
+
+
+def originals(pattern: str | None, keys: list[str]) -> dict:
+    """The source images of these keys, from image shards (empty when there are none)."""
+    if not pattern:
+        return {}
+    want, found = set(keys), {}
+    for s in iter_samples(pattern):
+        if s["key"] in want:
+            found[s["key"]] = s["image"]
+            if len(found) == len(want):
+                break
+    return found
+
+
+def open_world_report(bundle: Bundle, cfg: DictConfig, codes: Path, out_dir: Path) -> dict:
+    """Data without a world model (a folder of captioned images, the emoji corpus): caption cross-entropy and
+    token accuracy on held-out images, greedy captions beside their images (PNG), images drawn for held-out and
+    training captions (PNG), and, with `retrieval.tower_run`, top-1 retrieval of each image's own caption among
+    16 by the in-project contrastive model, for the real images, their reconstructions and the generated ones."""
+    if bundle.arm != "fusion":
+        raise UserError("open-world evaluation (no shapes world) is for the early-fusion arm")
+    report: dict = {"model": str(cfg.model_dir), "arm": bundle.arm, "world": None}
+    test = eval_samples(bundle, str(codes / "test"), None, cfg.vqa_images)
+    train = eval_samples(bundle, str(codes / "train"), None, cfg.open_world.train_images)
+    report["caption_test"] = teacher_forced(
+        bundle, [[Segment.img(s["image"], loss=False), Segment.txt(s["caption"])] for s in test], cfg.seq_len)
+    report["caption_train"] = teacher_forced(
+        bundle, [[Segment.img(s["image"], loss=False), Segment.txt(s["caption"])] for s in train], cfg.seq_len)
+    report["text_only_test"] = teacher_forced(bundle, [[Segment.txt(s["caption"])] for s in test], cfg.seq_len)
+    report["image_given_caption_test"] = teacher_forced(
+        bundle, [[Segment.txt(s["caption"], loss=False), Segment.img(s["image"])] for s in test], cfg.seq_len)
+    report["caption_gain_test"] = caption_gain(bundle, test, cfg.seq_len, None)
+
+    k = cfg.open_world.show
+    recon = lambda ss: [to_pil(bundle.tokenizer.decode(torch.from_numpy(s["image"])[None])[0]) for s in ss]
+    said = greedy_captions(bundle, [s["image"] for s in test[:k]])
+    report["greedy_captions"] = [{"key": s["key"], "caption": s["caption"], "model": m} for s, m in zip(test, said)]
+    report["greedy_captions_png"] = str(save_labelled(
+        [(im, f"true: {s['caption']}\nmodel: {m}") for im, s, m in zip(recon(test[:k]), test, said)],
+        out_dir / "greedy_captions.png"))
+
+    g = cfg.generation
+    sc = SamplingConfig(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, cfg_scale=g.cfg_scale,
+                        max_new_tokens=bundle.vocab.layout.span_len)
+    res = bundle.tokenizer.cfg.resolution
+    drawn = {}
+    for name, ss in (("test", test), ("train", train)):
+        images, tokens, elapsed = generate_images(bundle, [s["caption"] for s in ss], sc, res, cfg.seed)
+        drawn[name] = images
+        report[f"generation_{name}"] = {"images": len(images), "image_tokens_per_s": round(tokens / elapsed, 1),
+                                        "cfg_scale": sc.cfg_scale, "temperature": sc.temperature, "top_k": sc.top_k}
+    real = originals(cfg.data.get("test"), [s["key"] for s in test])
+    rows = [[real[s["key"]] for s in test[:k] if s["key"] in real], recon(test[:k]), drawn["test"][:k],
+            recon(train[:k]), drawn["train"][:k]]
+    report["generation_grid"] = str(save_grid(rows, out_dir / "generation_grid.png", scale=2))
+    (out_dir / "generation_prompts.txt").write_text(
+        "".join(f"{name}\t{s['caption']}\n" for name, ss in (("test", test[:k]), ("train", train[:k])) for s in ss))
+
+    if cfg.retrieval.tower_run:
+        from fusion.retrieval import Retriever
+
+        r = Retriever(cfg.retrieval.tower_run)
+        caps = {"test": [s["caption"] for s in test], "train": [s["caption"] for s in train]}
+        out = {}
+        if len(real) == len(test):
+            out["real_test"] = r.top1([real[s["key"]] for s in test], caps["test"], seed=cfg.seed)
+        out["reconstructed_test"] = r.top1(recon(test), caps["test"], seed=cfg.seed)
+        out["generated_test"] = r.top1(drawn["test"], caps["test"], seed=cfg.seed)
+        out["reconstructed_train"] = r.top1(recon(train), caps["train"], seed=cfg.seed)
+        out["generated_train"] = r.top1(drawn["train"], caps["train"], seed=cfg.seed)
+        report["retrieval"] = out
+    return report
+
+
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     bundle = load_bundle(cfg.model_dir)
     torch.manual_seed(cfg.seed)
     codes = Path(cfg.codes)
-    world = WorldConfig(**OmegaConf.to_container(cfg.data.world, resolve=True))
+    world = world_of(cfg.data)
+    if world is None:
+        report = open_world_report(bundle, cfg, codes, out_dir)
+        write_json(out_dir / "evaluation.json", report)
+        return report
     report: dict = {"model": str(cfg.model_dir), "arm": bundle.arm}
     for split in cfg.vqa_splits:
         samples = eval_samples(bundle, str(codes / split), cfg.data.get(split), cfg.vqa_images)
@@ -261,6 +352,10 @@ def summary_table(report: dict) -> str:
     cap = report.get("caption_test")
     if cap:
         lines.append(f"caption (test)        perplexity {cap['perplexity']:.2f}  token accuracy {cap['token_accuracy']:.0%}")
+    train_cap = report.get("caption_train")
+    if train_cap:
+        lines.append(f"caption (train)       perplexity {train_cap['perplexity']:.2f}  token accuracy "
+                     f"{train_cap['token_accuracy']:.0%}")
     gain = report.get("caption_gain_test")
     if gain:
         bound = f" of a {gain['bound']:.1f}-nat bound ({gain['fraction_of_bound']:.0%})" if "bound" in gain else ""
@@ -274,6 +369,14 @@ def summary_table(report: dict) -> str:
             lines.append("judge attributes      " + "  ".join(f"{k} {v:.0%}" for k, v in gen["attributes"].items())
                          + "  (each asked attribute right on its own)")
         lines.append(f"sampling              {gen['image_tokens_per_s']:.0f} image tokens/s (batch 16, KV cache)")
+    ret = report.get("retrieval")
+    if ret:
+        chance = next(iter(ret.values()))["chance"]
+        lines.append("retrieval top-1       " + "  ".join(f"{k.replace('_', ' ')} {v['top1']:.0%}" for k, v in ret.items())
+                     + f"  (own caption among {next(iter(ret.values()))['candidates']}; chance {chance:.0%})")
+    for name in ("generation_grid", "greedy_captions_png"):
+        if report.get(name):
+            lines.append(f"{name.replace('_', ' '):<22}{report[name]}")
     return "\n".join(lines)
 
 

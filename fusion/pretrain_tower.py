@@ -2,7 +2,8 @@
 
 A small CLIP (or SigLIP) is trained on image-caption pairs, then its vision model is saved with
 save_pretrained to RUN/tower, the local folder the adapter baseline loads and freezes, so the
-baseline never reads images through a random encoder.
+baseline never reads images through a random encoder. The whole contrastive model (both towers) is saved to
+RUN/clip beside RUN/text_tokenizer: fusion.retrieval scores generated images against captions with it.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def pretrain_tower(cfg: DictConfig, run_dir) -> str:
     tower_dir = run_dir / "tower"
     if trainer.is_global_zero:
         module.save_tower(tower_dir)
+        module.model.save_pretrained(str(run_dir / "clip"))  # both towers: fusion.retrieval scores images with it
         tok.save_pretrained(str(run_dir / "text_tokenizer"))
         write_json(run_dir / "tower_summary.json", {
             "steps": trainer.global_step, "seconds": round(time.time() - start, 1), "tower": str(tower_dir),
