@@ -140,6 +140,14 @@ class Decoder(nn.Module):
                                 f"more than the joint vocabulary ({vocab_size}): its text tokenizer must be the vocab's")
             # new rows (specials + image codes) start at the mean of the old ones (transformers' default)
             self.lm.resize_token_embeddings(vocab_size, mean_resizing=True)
+            # the pretrained LM fixes the shape; the config says what was built (saved with the model)
+            lm_cfg = self.lm.config
+            cfg.hidden_size, cfg.num_layers = lm_cfg.hidden_size, lm_cfg.num_hidden_layers
+            cfg.num_heads, cfg.num_kv_heads = lm_cfg.num_attention_heads, lm_cfg.num_key_value_heads
+            cfg.intermediate_size, cfg.tie_embeddings = lm_cfg.intermediate_size, bool(lm_cfg.tie_word_embeddings)
+            cfg.qk_norm = isinstance(self.lm, Qwen3ForCausalLM)
+            cfg.rope_theta = float((getattr(lm_cfg, "rope_parameters", None) or {}).get("rope_theta")
+                                   or getattr(lm_cfg, "rope_theta", cfg.rope_theta))
         else:
             hf = cfg.hf_config(vocab_size)
             self.lm = (Qwen3ForCausalLM if cfg.qk_norm else LlamaForCausalLM)(hf)

@@ -15,10 +15,14 @@ the layout's token may come next (a code, <eol>, <eoi>); outside one, no code, <
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from data.runtime import UserError
 from fusion.decoder import grid_cells
 from fusion.vocab import ImageLayout
 
@@ -51,6 +55,14 @@ class VQFusionForCausalLM(Qwen3ForCausalLM):
             self.image_cols = nn.Embedding(grid + 1, config.hidden_size, padding_idx=0)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader, after checking that a local export folder is whole (one line if not)."""
+        path = Path(str(pretrained_model_name_or_path))
+        if path.is_dir():
+            check_export(path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def embed(self, input_ids: torch.Tensor, image_cells: torch.Tensor | None = None) -> torch.Tensor:
         x = self.get_input_embeddings()(input_ids)
         if self.config.image_pos_embed:
@@ -75,6 +87,27 @@ class VQFusionForCausalLM(Qwen3ForCausalLM):
         if seen is not None and out.get("cache") is not None:
             setattr(out["cache"], SEEN, seen)
         return out
+
+
+def check_export(path: Path) -> None:
+    """An export folder holds its weights, its text tokenizer and an image tokenizer that makes as many codes
+    as the model has code rows; one line naming the fix if not."""
+    again = f"write it again: python -m fusion.export model_dir=RUN/model out={path}"
+    for name, what in (("config.json", "the model config"), ("model.safetensors", "the weights"),
+                       ("tokenizer.json", "the text + image-code tokenizer"),
+                       ("image_tokenizer/config.json", "the image tokenizer"),
+                       ("image_tokenizer/model.safetensors", "the image tokenizer's weights")):
+        if not (path / name).is_file():
+            raise UserError(f"export folder {path} lacks {name} ({what}); {again}")
+    from tokenizer.checkpoint import read_tokenizer_meta
+
+    config = VQFusionConfig.from_pretrained(str(path))
+    layout = config.image_layout or {}
+    tok = read_tokenizer_meta(path / "image_tokenizer")["config"]
+    made = math.prod(tok["fsq_levels"]) if tok.get("quantizer") == "fsq" else tok.get("codebook_size")
+    if layout and made != layout.get("num_codes"):
+        raise UserError(f"export folder {path}: the image tokenizer makes {made} codes, the model has "
+                        f"{layout.get('num_codes')} code rows; {again}")
 
 
 class ImageGridLogitsProcessor:

@@ -181,11 +181,30 @@ def load_text_tokenizer(path: str | Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     p = Path(path)
+    if p.is_dir() and (p / "tokenizer.json").is_file():
+        check_bpe(p / "tokenizer.json")
     if p.is_file() and p.suffix == ".json":
+        check_bpe(p)
         return PreTrainedTokenizerFast(tokenizer_file=str(p))
     if not p.is_dir():
         raise UserError(f"no text tokenizer at {p} (give a directory or a tokenizer.json)")
-    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a text tokenizer from {p}: {str(e).splitlines()[0]}") from None
+
+
+def check_bpe(path: Path) -> None:
+    """A tokenizer.json that `tokenizers` reads and whose model is BPE (GPT-2, Llama 3, Qwen, ours); one line if not."""
+    try:
+        model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"{path} is not a tokenizer.json ({type(e).__name__}); give the tokenizer.json of a BPE "
+                        "tokenizer (e.g. a pretrained LM's) or leave text.tokenizer null to train one") from None
+    kind = model.get("type") or ("BPE" if "merges" in model else None)
+    if kind != "BPE":
+        raise UserError(f"{path} holds a {kind or 'model-less'} tokenizer, not BPE; give a BPE tokenizer.json "
+                        "(e.g. a GPT-2, Llama 3 or Qwen one) or leave text.tokenizer null to train one")
 
 
 def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 2):

@@ -100,7 +100,8 @@ def test_every_recipe_switch_trains_and_curves_are_drawn(tiny_fsq_codes, shapes_
     run = tmp_path / "run"
     run_module("fusion.train", f"codes={tiny_fsq_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
                "decoder.code_features=[levels,pixels]", "decoder.code_head=true", "train.optimizer=muon", "train.schedule=wsd", "loss.balance=modality",
-               "loss.text_weight=2.0", "layout.row_separator=false", "curves.gain_images=8", "curves.vqa_images=3",
+               "loss.text_weight=2.0", "layout.row_separator=false", "caption_template=0", "curriculum.documents=4", "read_image_loss=true",
+               "curves.gain_images=8", "curves.vqa_images=3",
                "curves.judge_per_type=1")
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["steps"] == 16
@@ -192,6 +193,28 @@ def test_export_loads_with_auto_classes_and_computes_what_the_decoder_does(train
                              logits_processor=LogitsProcessorList([ImageGridLogitsProcessor(model.config)]), **guidance)
         got = got[0, x.shape[1]:].tolist()
         assert got == want[:len(got)] and v.decode_image([v.boi, *got]).shape == (v.layout.grid,) * 2
+
+    # a damaged export folder: one line naming the missing file or the disagreement, and the fix
+    import json
+    import shutil
+
+    from data.runtime import UserError
+
+    for name in ("model.safetensors", "tokenizer.json", "image_tokenizer/model.safetensors"):
+        broken = tmp_path / f"broken_{name.replace('/', '_')}"
+        shutil.copytree(out, broken)
+        (broken / name).unlink()
+        with pytest.raises(UserError, match=f"lacks {name} .*python -m fusion.export") as e:
+            AutoModelForCausalLM.from_pretrained(broken, local_files_only=True)
+        assert "\n" not in str(e.value)
+    other = tmp_path / "other_codes"
+    shutil.copytree(out, other)
+    meta = json.loads((other / "image_tokenizer" / "config.json").read_text())
+    key = "fsq_levels" if meta["config"].get("quantizer") == "fsq" else "codebook_size"
+    meta["config"][key] = [2, 2] if key == "fsq_levels" else 7
+    (other / "image_tokenizer" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=f"image tokenizer makes [47] codes, the model has {v.num_codes} code rows"):
+        AutoModelForCausalLM.from_pretrained(other, local_files_only=True)
 
 
 def test_export_refuses_what_it_cannot_write_in_one_line(tmp_path):

@@ -84,3 +84,47 @@ def test_text_tokenizer_loads_from_a_local_file_or_directory(vocab, tmp_path):
         vocab.encode_text(s)
     with pytest.raises(UserError):
         load_text_tokenizer(tmp_path / "nope")
+
+
+def test_a_tokenizer_json_that_is_missing_broken_or_not_bpe_is_refused_in_one_line(vocab, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    with pytest.raises(UserError, match="no text tokenizer at"):
+        load_text_tokenizer(tmp_path / "missing" / "tokenizer.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model": {"type": "BPE", ')
+    with pytest.raises(UserError, match="is not a tokenizer.json"):
+        load_text_tokenizer(broken)
+    wordlevel = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    wordlevel.pre_tokenizer = pre_tokenizers.Whitespace()
+    wordlevel.save(str(tmp_path / "wordlevel.json"))
+    with pytest.raises(UserError, match="holds a WordLevel tokenizer, not BPE") as e:
+        load_text_tokenizer(tmp_path / "wordlevel.json")
+    assert "\n" not in str(e.value)
+    (tmp_path / "wl").mkdir()
+    (tmp_path / "wl" / "tokenizer.json").write_text((tmp_path / "wordlevel.json").read_text())
+    with pytest.raises(UserError, match="not BPE"):
+        load_text_tokenizer(tmp_path / "wl")
+
+
+def test_a_pretrained_lm_keeps_its_text_rows_and_sets_the_decoder_shape(vocab, tmp_path):
+    """decoder.init_from: an LM of another width than the preset's; its text rows survive the resize and the
+    2-D position tables take the LM's width."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from fusion.decoder import Decoder, DecoderConfig
+
+    lm = Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab.text_size, hidden_size=96, intermediate_size=192,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24))
+    lm.save_pretrained(str(tmp_path / "lm"))
+    vocab.text_tokenizer.save_pretrained(str(tmp_path / "lm"))
+    cfg = DecoderConfig(hidden_size=256, num_layers=6, num_heads=4, init_from=str(tmp_path / "lm"),
+                        image_pos_embed=True, image_layout=vocab.image_layout())
+    dec = Decoder(cfg, vocab.size)
+    text_rows = dec.embed_tokens.weight[: vocab.text_size]
+    assert torch.equal(text_rows, lm.get_input_embeddings().weight)
+    assert dec.embed_tokens.weight.shape == (vocab.size, 96) and dec.image_rows.weight.shape[1] == 96
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads) == (96, 2, 2)
+    ids = torch.tensor([[vocab.bos, *vocab.encode_text("a red circle"), vocab.boi, vocab.code_offset + 3]])
+    assert dec(input_ids=ids).logits.shape == (1, ids.shape[1], vocab.size)
