@@ -55,7 +55,8 @@ def save_labelled(items: list[tuple[Image.Image, str]], path: str | Path, scale:
     for i, (im, text) in enumerate(items):
         im = im.convert("RGB")
         canvas.paste(im.resize((im.width * scale, im.height * scale), Image.NEAREST), (4, 4 + i * row_h))
-        lines = textwrap.wrap(text, width=max(10, text_width // 7))[: max(1, row_h // 13)]
+        lines = [w for part in text.split("\n") for w in textwrap.wrap(part, width=max(10, text_width // 7))]
+        lines = lines[: max(1, row_h // 13)]
         draw.multiline_text((side + 10, 4 + i * row_h), "\n".join(lines), fill=(0, 0, 0), spacing=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

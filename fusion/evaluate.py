@@ -218,9 +218,10 @@ def generation_scores(bundle: Bundle, world: WorldConfig, n_per_type: int, sc: S
 
 
 def greedy_captions(bundle: Bundle, images: list, max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
-    """What the model says about each image (greedy, after the image, until <eos>)."""
+    """What the model says about each image (greedy, after the image, until <eos>). The first token may not be
+    <eos>: an image followed by <eos> is also how an unconditional text-to-image document ends."""
     v, gen = bundle.vocab, Generator(bundle.decoder, bundle.vocab, bundle.image_encoder)
-    sc = SamplingConfig(temperature=0, allow_images=False, max_new_tokens=max_new_tokens)
+    sc = SamplingConfig(temperature=0, allow_images=False, max_new_tokens=max_new_tokens, min_new_tokens=1)
     out = []
     for i in range(0, len(images), batch_size):
         docs = [tokenize(v, [Segment.img(im, loss=False)], add_eos=False, placeholders=bundle.placeholders)
@@ -280,7 +281,7 @@ def open_world_report(bundle: Bundle, cfg: DictConfig, codes: Path, out_dir: Pat
         drawn[name] = images
         report[f"generation_{name}"] = {"images": len(images), "image_tokens_per_s": round(tokens / elapsed, 1),
                                         "cfg_scale": sc.cfg_scale, "temperature": sc.temperature, "top_k": sc.top_k}
-    real = originals(cfg.data.get("test"), [s["key"] for s in test])
+    real = {k: to_pil(ImageTransform(res)(im)) for k, im in originals(cfg.data.get("test"), [s["key"] for s in test]).items()}
     rows = [[real[s["key"]] for s in test[:k] if s["key"] in real], recon(test[:k]), drawn["test"][:k],
             recon(train[:k]), drawn["train"][:k]]
     report["generation_grid"] = str(save_grid(rows, out_dir / "generation_grid.png", scale=2))

@@ -30,6 +30,8 @@ class SamplingConfig:
     top_p: float = 1.0
     cfg_scale: float = 1.0  # > 1: classifier-free guidance inside image spans
     max_new_tokens: int = 256
+    min_new_tokens: int = 0  # no <eos> before this many tokens (transformers' min_new_tokens): a caption after an
+                             # image, where an unconditional text-to-image document would end
     allow_images: bool = True  # may text mode open an image span
     stop_at_newline: bool = False  # end a row at the first newline (VQA answers)
     max_images: int = 1  # close the row after this many images (0 = no limit)
@@ -84,7 +86,7 @@ class Generator:
             runner = kvcache.StaticKVCache(self.decoder.lm, len(streams), ids.shape[1] + sc.max_new_tokens)
         else:  # transformers' forward, with its DynamicCache or recomputing everything (the reference)
             runner = TransformersRunner(self.decoder, sc.use_cache)
-        for _ in range(sc.max_new_tokens):
+        for step in range(sc.max_new_tokens):
             if all(st == DONE for st in state):
                 break
             logits = runner.forward(step_attn, embeds)
@@ -98,6 +100,8 @@ class Generator:
             allowed = self.masks[rows]
             if not sc.allow_images:
                 allowed[:, self.vocab.boi] = False
+            if step < sc.min_new_tokens:
+                allowed[:, self.vocab.eos] = False
             cond = cond.masked_fill(~allowed, float("-inf"))
             if sc.temperature <= 0:
                 nxt = cond.argmax(-1)

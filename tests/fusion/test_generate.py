@@ -118,6 +118,19 @@ def test_stop_at_newline(setup):
     assert outs[0][-1] == newline[0] and newline[0] not in outs[0][:-1]
 
 
+def test_min_new_tokens_holds_eos_back(setup):
+    """A caption after an image: <eos> is what an unconditional image document does next, so captioning asks for
+    at least one token first."""
+    vocab, dec = setup
+    prompt = [[vocab.bos, *vocab.encode_image(torch.zeros(4, 4, dtype=torch.long).numpy())]]
+    with nudged(dec, vocab.eos, 50.0):
+        free = Generator(dec, vocab).generate(prompt, SamplingConfig(temperature=0, allow_images=False))[0]
+        held = Generator(dec, vocab).generate(prompt, SamplingConfig(temperature=0, allow_images=False,
+                                                                     min_new_tokens=3))[0]
+    assert free == [vocab.eos]
+    assert len(held) == 4 and vocab.eos not in held[:3] and held[3] == vocab.eos
+
+
 @pytest.mark.parametrize("texts", [("A red circle.", "Two objects on a grey background."), ("A red circle.",)],
                          ids=["left_padded", "one_row"])
 @pytest.mark.parametrize("kw", [dict(qk_norm=True), dict(qk_norm=False), dict(num_kv_heads=1)],
