@@ -100,16 +100,17 @@ def test_emoji_experiment_runs_end_to_end_on_a_handful_of_glyphs(emoji_root, tmp
 
 
 @pytest.mark.slow
-def test_folder_preset_trains_a_few_steps_on_your_own_shards(shapes_root, tmp_path):
-    """experiment=folder_128 on shards it did not make (the shapes world's, upscaled to 128 px): 8x tokenizer,
-    the small decoder, the open-world evaluation; a few steps each."""
+@pytest.mark.parametrize("name, resolution", [("folder_128", 128), ("folder_256", 256)])
+def test_folder_preset_trains_a_few_steps_on_your_own_shards(name, resolution, shapes_root, tmp_path):
+    """experiment=folder_128|folder_256 on shards they did not make (the shapes world's, upscaled): 8x or 16x
+    tokenizer, the small decoder, the open-world evaluation; a few steps each."""
     out = tmp_path / "run"
-    proc = run_module("fusion.demo", "experiment=folder_128", f"data.train={shapes_root}/train",
+    proc = run_module("fusion.demo", f"experiment={name}", f"data.train={shapes_root}/train",
                       f"data.val={shapes_root}/val", "--out", str(out), "--tokenizer-steps", "2", "--decoder-steps", "2",
                       "--tower-steps", "0", "--eval", "vqa_images=4", "--eval", "open_world.train_images=2",
                       "--eval", "open_world.show=2", timeout=900)
-    assert "16 x 16 codes of 15360" in proc.stdout and "folder_128 summary" in proc.stdout, proc.stdout[-3000:]
+    assert "16 x 16 codes of 15360" in proc.stdout and f"{name} summary" in proc.stdout, proc.stdout[-3000:]
     meta = json.loads((out / "codes" / "_tokenizer.json").read_text())
-    assert (meta["grid"], meta["num_codes"], meta["resolution"]) == (16, 15360, 128)
+    assert (meta["grid"], meta["num_codes"], meta["resolution"]) == (16, 15360, resolution)
     report = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert report["caption_test"]["tokens"] > 0 and "retrieval" not in report
