@@ -114,3 +114,16 @@ def test_folder_preset_trains_a_few_steps_on_your_own_shards(name, resolution, s
     assert (meta["grid"], meta["num_codes"], meta["resolution"]) == (16, 15360, resolution)
     report = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert report["caption_test"]["tokens"] > 0 and "retrieval" not in report
+
+
+@pytest.mark.slow
+def test_shapes_demo_preset_runs_every_stage_for_a_few_steps(shapes_root, tmp_path):
+    """What `make demo` runs, on the suite's small shapes world (already built: the data stage is skipped)."""
+    out = tmp_path / "run"
+    proc = run_module("fusion.demo", "--data", str(shapes_root), "--out", str(out), "--tokenizer-steps", "4",
+                      "--decoder-steps", "4", "--eval", "vqa_images=10", "--eval", "generation.per_type=2",
+                      timeout=900)
+    assert "== data: done before" in proc.stdout and "shapes_demo summary" in proc.stdout, proc.stdout[-3000:]
+    for line in ("VQA accuracy (test)", "generation judge", "ceiling (judge on reconstructions)"):
+        assert line in proc.stdout, line
+    assert (out / "samples" / "grid.png").is_file() and (out / "summary.txt").is_file()
