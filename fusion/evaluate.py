@@ -265,10 +265,11 @@ def open_world_report(bundle: Bundle, cfg: DictConfig, codes: Path, out_dir: Pat
 
     k = cfg.open_world.show
     recon = lambda ss: [to_pil(bundle.tokenizer.decode(torch.from_numpy(s["image"])[None])[0]) for s in ss]
+    recon_test, recon_train = recon(test), recon(train)  # decoded once, shown and scored below
     said = greedy_captions(bundle, [s["image"] for s in test[:k]])
     report["greedy_captions"] = [{"key": s["key"], "caption": s["caption"], "model": m} for s, m in zip(test, said)]
     report["greedy_captions_png"] = str(save_labelled(
-        [(im, f"true: {s['caption']}\nmodel: {m}") for im, s, m in zip(recon(test[:k]), test, said)],
+        [(im, f"true: {s['caption']}\nmodel: {m}") for im, s, m in zip(recon_test[:k], test, said)],
         out_dir / "greedy_captions.png"))
 
     g = cfg.generation
@@ -282,8 +283,8 @@ def open_world_report(bundle: Bundle, cfg: DictConfig, codes: Path, out_dir: Pat
         report[f"generation_{name}"] = {"images": len(images), "image_tokens_per_s": round(tokens / elapsed, 1),
                                         "cfg_scale": sc.cfg_scale, "temperature": sc.temperature, "top_k": sc.top_k}
     real = {k: to_pil(ImageTransform(res)(im)) for k, im in originals(cfg.data.get("test"), [s["key"] for s in test]).items()}
-    rows = [[real[s["key"]] for s in test[:k] if s["key"] in real], recon(test[:k]), drawn["test"][:k],
-            recon(train[:k]), drawn["train"][:k]]
+    rows = [[real[s["key"]] for s in test[:k] if s["key"] in real], recon_test[:k], drawn["test"][:k],
+            recon_train[:k], drawn["train"][:k]]
     report["generation_grid"] = str(save_grid(rows, out_dir / "generation_grid.png", scale=2))
     (out_dir / "generation_prompts.txt").write_text(
         "".join(f"{name}\t{s['caption']}\n" for name, ss in (("test", test[:k]), ("train", train[:k])) for s in ss))
@@ -296,9 +297,9 @@ def open_world_report(bundle: Bundle, cfg: DictConfig, codes: Path, out_dir: Pat
         out = {}
         if len(real) == len(test):
             out["real_test"] = r.top1([real[s["key"]] for s in test], caps["test"], seed=cfg.seed)
-        out["reconstructed_test"] = r.top1(recon(test), caps["test"], seed=cfg.seed)
+        out["reconstructed_test"] = r.top1(recon_test, caps["test"], seed=cfg.seed)
         out["generated_test"] = r.top1(drawn["test"], caps["test"], seed=cfg.seed)
-        out["reconstructed_train"] = r.top1(recon(train), caps["train"], seed=cfg.seed)
+        out["reconstructed_train"] = r.top1(recon_train, caps["train"], seed=cfg.seed)
         out["generated_train"] = r.top1(drawn["train"], caps["train"], seed=cfg.seed)
         report["retrieval"] = out
     return report
