@@ -91,7 +91,7 @@ def packed_sequences(samples: Iterable[dict], vocab: MultimodalVocab, seq_len: i
 def sequence_stages(vocab: MultimodalVocab, seq_len: int, batch_size: int, mix: TaskMix, *, seed: int | str = 0,
                     shuffle_buffer: int = 1000, partial: bool = True, pixels: ImageTransform | None = None,
                     placeholders: int = 0) -> list:
-    """Stages from shard URLs to batches of {"input_ids", "labels", "position_ids", "modality": [b, seq_len],
+    """Stages from shard URLs to batches of {"input_ids", "labels", "position_ids", "modality", "read_span": [b, seq_len],
     "keys", "stats"}.
 
     Code shards by default; with `pixels` (the adapter baseline) image shards, and each batch also

@@ -50,6 +50,11 @@ class DecoderConfig:
     code_levels: list[int] | None = None
     code_pixel_dim: int | None = None
     code_head: bool = False
+    # How the tokens of an image the model reads (a caption's or a question's image, given, not written: no
+    # loss on its codes) attend to each other: "causal" like every other token, or "bidirectional" within the
+    # image span (PaliGemma's prefix-LM, Gemma 3's image attention), so every code sees the whole picture
+    # before any question is asked. Images the model writes stay causal either way.
+    read_attention: str = "causal"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -72,6 +77,8 @@ class DecoderConfig:
                                  f"{math.prod(self.code_levels)} codes, the vocabulary has {self.image_layout['num_codes']}")
         if "pixels" in self.code_features and not self.code_pixel_dim:
             raise ValueError("code_features=[pixels] needs code_pixel_dim (the decoded patch's size)")
+        if self.read_attention not in ("causal", "bidirectional"):
+            raise ValueError(f"decoder.read_attention must be causal or bidirectional, got {self.read_attention!r}")
         self.num_kv_heads = self.num_kv_heads or self.num_heads
         self.intermediate_size = self.intermediate_size or int(self.hidden_size * 8 / 3) // 32 * 32
 
@@ -120,6 +127,32 @@ def grid_cells(input_ids: torch.Tensor, layout: dict) -> torch.Tensor:
     code = ((input_ids >= layout["code_offset"]) & (input_ids < layout["code_offset"] + layout["num_codes"])
             & (last_boi >= 0) & (row < layout["grid"]) & (col < layout["grid"]))
     return torch.stack([torch.where(code, row + 1, 0), torch.where(code, col + 1, 0)], dim=-1)
+
+
+def read_spans(input_ids: torch.Tensor, boi: int, eoi: int) -> torch.Tensor:
+    """[B, T]: k > 0 on the tokens (<boi> through <eoi>) of the k-th complete image span of each row, 0
+    elsewhere. What a prompt's images are at inference: given, hence read (an open span at the end, which the
+    sampler is about to write, is left out)."""
+    opened = (input_ids == boi).long().cumsum(-1)
+    closed_before = (input_ids == eoi).long().cumsum(-1) - (input_ids == eoi).long()
+    complete = opened <= (input_ids == eoi).long().sum(-1, keepdim=True)
+    inside = (opened > closed_before) & complete
+    return torch.where(inside, opened, 0)
+
+
+def attention_mask(position_ids: torch.Tensor, spans: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, 1, T, T] boolean (True = may attend): causal within each packed document (a document starts where
+    its position ids restart at 0), plus every pair inside one read image span (`spans`, k > 0). `valid` [B, T]
+    marks real tokens (left padding: 0); a padding query sees itself, so no softmax row is empty."""
+    T = position_ids.shape[-1]
+    doc = (position_ids == 0).long().cumsum(-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    same_span = (spans[:, :, None] == spans[:, None, :]) & (spans[:, :, None] > 0)
+    mask = same_doc & (causal | same_span)
+    if valid is not None:
+        mask = (mask & valid.bool()[:, None, :]) | torch.eye(T, dtype=torch.bool, device=mask.device)
+    return mask[:, None]
 
 
 class Decoder(nn.Module):
@@ -204,12 +237,19 @@ class Decoder(nn.Module):
         return x
 
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, past_key_values=None,
-                use_cache: bool = False, logits_to_keep: int = 0):
+                use_cache: bool = False, logits_to_keep: int = 0, read_span=None):
+        """`read_span` [B, T] (fusion.sequences.pack): the read image spans, attended bidirectionally when
+        `read_attention` says so; otherwise transformers' causal mask over the packed documents."""
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         inputs_embeds = self.embed_dropout(inputs_embeds)
-        return self.lm(inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=past_key_values,
-                       use_cache=use_cache, logits_to_keep=logits_to_keep)
+        mask = None
+        if self.cfg.read_attention == "bidirectional" and read_span is not None and bool(read_span.any()):
+            if position_ids is None:
+                position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+            mask = attention_mask(position_ids.expand(inputs_embeds.shape[0], -1), read_span)
+        return self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+                       past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
 
 
 def fsq_digits(levels: list[int]) -> torch.Tensor:

@@ -127,14 +127,14 @@ def teacher_forced(bundle: Bundle, docs: list[list[Segment]], seq_len: int, batc
     for i in range(0, len(packed), batch_size):
         chunk = packed[i:i + batch_size]
         batch = {k: torch.stack([torch.from_numpy(getattr(p, k)) for p in chunk]).to(_device(dec))
-                 for k in ("input_ids", "labels", "position_ids", "modality")}
+                 for k in ("input_ids", "labels", "position_ids", "modality", "read_span")}
         inputs = {"input_ids": batch["input_ids"]}
         images = [im for p in chunk for im in p.images]
         if images:
             feats = bundle.image_encoder(torch.stack(images).to(_device(dec)).float() / 255)
             inputs = {"inputs_embeds": insert_image_features(dec.embed_tokens(batch["input_ids"]), batch["input_ids"],
                                                              v.placeholder, feats)}
-        logits = dec(**inputs, position_ids=batch["position_ids"]).logits.float()
+        logits = dec(**inputs, position_ids=batch["position_ids"], read_span=batch["read_span"]).logits.float()
         mask = batch["labels"] != -100
         r = lm_losses(logits, batch["labels"], batch["modality"], 0.0)
         k = int(mask.sum())

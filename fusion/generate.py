@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from fusion import kvcache
+from fusion.decoder import attention_mask, read_spans
 from fusion.vocab import MultimodalVocab
 
 TEXT, CODE, EOL, EOI, DONE = range(5)
@@ -82,6 +83,9 @@ class Generator:
         # the prompt's input embeddings (the adapter's carry image features at the placeholders)
         embeds = self._prefix_embeds(ids, images) if images else self.decoder.embed(ids)
         step_attn = attn
+        # a prompt's complete images are read: attended bidirectionally when the decoder was trained so
+        spans = (read_spans(ids, self.vocab.boi, self.vocab.eoi)
+                 if self.decoder.cfg.read_attention == "bidirectional" else None)
         if sc.use_cache and kvcache.supported(self.decoder.lm):  # the lean path (fusion/kvcache.py)
             runner = kvcache.StaticKVCache(self.decoder.lm, len(streams), ids.shape[1] + sc.max_new_tokens)
         else:  # transformers' forward, with its DynamicCache or recomputing everything (the reference)
@@ -89,7 +93,7 @@ class Generator:
         for step in range(sc.max_new_tokens):
             if all(st == DONE for st in state):
                 break
-            logits = runner.forward(step_attn, embeds)
+            logits = runner.forward(step_attn, embeds, spans if step == 0 else None)
             logits = logits.float().cpu()
             cond = logits[:B]
             rows = torch.tensor(state)
@@ -161,17 +165,25 @@ class TransformersRunner:
 
     def __init__(self, decoder, use_cache: bool):
         self.lm, self.cache = decoder.lm, DynamicCache() if use_cache else None
-        self.embeds = self.attn = None
+        self.embeds = self.attn = self.spans = None
 
-    def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """Append a chunk (attn [B, T], its input embeddings [B, T, h]); the last column's logits [B, V]."""
+    def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor, spans: torch.Tensor | None = None) -> torch.Tensor:
+        """Append a chunk (attn [B, T], its input embeddings [B, T, h]; `spans` [B, T]: read image spans of
+        the first chunk, see fusion.decoder.read_spans); the last column's logits [B, V]."""
         self.attn = attn if self.attn is None else torch.cat([self.attn, attn], dim=1)
+        if spans is not None:
+            self.spans = spans
+        elif self.spans is not None:  # tokens after the prompt are in no read span
+            self.spans = torch.cat([self.spans, torch.zeros_like(attn)], dim=1)
         pos = (self.attn.cumsum(-1) - 1).clamp_min(0)
+        mask = self.attn
+        if self.spans is not None and (spans is not None or self.cache is None):
+            mask = attention_mask(pos, self.spans, valid=self.attn)
         if self.cache is not None:
-            return self.lm(inputs_embeds=inputs_embeds, attention_mask=self.attn, position_ids=pos[:, -attn.shape[1]:],
+            return self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos[:, -attn.shape[1]:],
                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         self.embeds = inputs_embeds if self.embeds is None else torch.cat([self.embeds, inputs_embeds], dim=1)
-        return self.lm(inputs_embeds=self.embeds, attention_mask=self.attn, position_ids=pos, use_cache=False,
+        return self.lm(inputs_embeds=self.embeds, attention_mask=mask, position_ids=pos, use_cache=False,
                        logits_to_keep=1).logits[:, -1]
 
 

@@ -71,8 +71,9 @@ class StaticKVCache:
         self.len, self.padded = 0, True
 
     @torch.inference_mode()
-    def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """Append a chunk (attn [B, T]: 1 = real token, 0 = left padding; its input embeddings [B, T, h]);
+    def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor, spans: torch.Tensor | None = None) -> torch.Tensor:
+        """Append a chunk (attn [B, T]: 1 = real token, 0 = left padding; its input embeddings [B, T, h];
+        `spans` [B, T]: the chunk's read image spans, attended bidirectionally, fusion.decoder.read_spans);
         return the last column's logits [B, V]."""
         x = inputs_embeds
         B, T, _ = x.shape
@@ -93,6 +94,10 @@ class StaticKVCache:
             col = torch.arange(t1, device=x.device)
             row = torch.arange(t0, t1, device=x.device)[:, None]
             mask = (self.valid[:, None, None, :t1] & (col <= row)) | (col == row)
+            if spans is not None:  # the prompt's read images: every pair inside one span
+                if t0:
+                    raise ValueError("read image spans are given with the first chunk (the prompt) only")
+                mask = mask | ((spans[:, :, None] == spans[:, None, :]) & (spans[:, :, None] > 0))[:, None]
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         for i, b in enumerate(self.blocks):
             qkv = F.linear(F.rms_norm(x, *b["ln1"]), b["qkv"], b["qkv_bias"]).view(B, T, H + 2 * KV, D)

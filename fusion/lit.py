@@ -29,7 +29,7 @@ class FusionModule(ScheduledTraining, L.LightningModule):
         return {"input_ids": batch["input_ids"]}
 
     def losses(self, batch) -> dict[str, torch.Tensor]:
-        out = self.decoder(**self.inputs(batch), position_ids=batch["position_ids"])
+        out = self.decoder(**self.inputs(batch), position_ids=batch["position_ids"], read_span=batch.get("read_span"))
         l = self.hparams.loss
         return lm_losses(out.logits, batch["labels"], batch["modality"], self.decoder.cfg.z_loss,
                          image_weight=l["image_weight"], text_weight=l["text_weight"],

@@ -3,7 +3,9 @@
 Each position carries its input id, its target (-100 where no loss: prompts, padding, the
 last token of a document), its position within its own document (positions restart at every
 document, which is how the decoder keeps packed documents from attending to each other), and a
-modality label (0 text, 1 image) so text and image losses are logged and weighted separately.
+modality label (0 text, 1 image) so text and image losses are logged and weighted separately, and a
+read-span label: which image span (<boi> through <eoi>) the position belongs to when that image is read, not
+written (no loss on its codes), so a decoder with `read_attention: bidirectional` lets its tokens see each other.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class TokenizedDoc:
     modality: list[int]  # 1 if ids[i] belongs to an image span (<boi> through <eoi>)
     images: list[torch.Tensor] = field(default_factory=list)  # pixels of the placeholder spans, in order
     key: str = ""  # the sample it came from
+    read: list[int] = field(default_factory=list)  # k > 0: ids[i] is in the document's k-th read image span
+
+    def __post_init__(self):
+        if not self.read:
+            self.read = [0] * len(self.ids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -58,7 +65,8 @@ def tokenize(vocab: MultimodalVocab, segments: list[Segment], add_eos: bool = Tr
 
     Pixel images become <boi> + `placeholders` x <img> + <eoi> (the adapter fills them with features).
     """
-    ids, loss, modality, images = [vocab.bos], [False], [0], []
+    ids, loss, modality, images, read = [vocab.bos], [False], [0], [], [0]
+    spans = 0
     for seg in segments:
         if seg.codes is not None:
             part, mod = vocab.encode_image(seg.codes), 1
@@ -69,14 +77,17 @@ def tokenize(vocab: MultimodalVocab, segments: list[Segment], add_eos: bool = Tr
             images.append(seg.pixels)
         else:
             part, mod = vocab.encode_text(seg.text or ""), 0
+        spans += mod == 1 and not seg.loss
         ids += part
         loss += [seg.loss] * len(part)
         modality += [mod] * len(part)
+        read += [spans if mod == 1 and not seg.loss else 0] * len(part)
     if add_eos:
         ids.append(vocab.eos)
         loss.append(bool(segments) and segments[-1].loss)
         modality.append(0)
-    return TokenizedDoc(ids, loss, modality, images, key)
+        read.append(0)
+    return TokenizedDoc(ids, loss, modality, images, key, read)
 
 
 @dataclass
@@ -87,12 +98,14 @@ class Packed:
     labels: np.ndarray
     position_ids: np.ndarray
     modality: np.ndarray
+    read_span: np.ndarray | None = None  # k > 0: the position is in the sequence's k-th read image span
     documents: int = 0
     images: list[torch.Tensor] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
 
     def as_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(getattr(self, k)) for k in ("input_ids", "labels", "position_ids", "modality")}
+        keys = ("input_ids", "labels", "position_ids", "modality", "read_span")
+        return {k: torch.from_numpy(getattr(self, k)) for k in keys}
 
 
 @dataclass
@@ -117,7 +130,7 @@ class Packer:
                 self.truncated += 1
                 return []
             doc = TokenizedDoc(doc.ids[: self.seq_len], doc.loss[: self.seq_len], doc.modality[: self.seq_len],
-                               key=doc.key)
+                               key=doc.key, read=doc.read[: self.seq_len])
             self.truncated += 1
         for b in self.bins:
             if self._room(b) >= len(doc):
@@ -148,7 +161,8 @@ def pack(docs: list[TokenizedDoc], seq_len: int, pad_id: int) -> Packed:
     labels = np.full(seq_len, IGNORE, dtype=np.int64)
     pos = np.zeros(seq_len, dtype=np.int64)
     mod = np.zeros(seq_len, dtype=np.int64)
-    t, images = 0, []
+    read = np.zeros(seq_len, dtype=np.int64)
+    t, images, spans = 0, [], 0
     for d in docs:
         images += d.images
         n = len(d)
@@ -158,6 +172,9 @@ def pack(docs: list[TokenizedDoc], seq_len: int, pad_id: int) -> Packed:
         target = np.where(np.asarray(d.loss[1:]), nxt, IGNORE)
         labels[t:t + n - 1] = target
         mod[t:t + n - 1] = d.modality[1:]  # the modality of what is being predicted
+        r = np.asarray(d.read, dtype=np.int64)
+        read[t:t + n] = np.where(r > 0, r + spans, 0)
+        spans += int(r.max(initial=0))
         t += n
     pos[t:] = np.arange(seq_len - t)  # padding is its own 'document': it attends to nothing real
-    return Packed(ids, labels, pos, mod, documents=len(docs), images=images, keys=[d.key for d in docs])
+    return Packed(ids, labels, pos, mod, read, documents=len(docs), images=images, keys=[d.key for d in docs])
