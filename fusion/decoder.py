@@ -9,7 +9,7 @@ per-modality losses are ours. The decoder takes `input_ids` (early fusion) or `i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +162,8 @@ class Decoder(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM
 
+        if cfg.init_from:  # the pretrained LM's shape is written into a copy: the caller's config stays as given
+            cfg = replace(cfg)
         self.cfg = cfg
         if cfg.init_from:
             try:

@@ -125,6 +125,7 @@ def test_a_pretrained_lm_keeps_its_text_rows_and_sets_the_decoder_shape(vocab, t
     text_rows = dec.embed_tokens.weight[: vocab.text_size]
     assert torch.equal(text_rows, lm.get_input_embeddings().weight)
     assert dec.embed_tokens.weight.shape == (vocab.size, 96) and dec.image_rows.weight.shape[1] == 96
-    assert (cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads) == (96, 2, 2)
+    assert (dec.cfg.hidden_size, dec.cfg.num_layers, dec.cfg.num_kv_heads) == (96, 2, 2)
+    assert (cfg.hidden_size, cfg.num_layers) == (256, 6)  # the caller's config is left as given
     ids = torch.tensor([[vocab.bos, *vocab.encode_text("a red circle"), vocab.boi, vocab.code_offset + 3]])
     assert dec(input_ids=ids).logits.shape == (1, ids.shape[1], vocab.size)
