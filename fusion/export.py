@@ -56,15 +56,12 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
                         "features come from a vision tower a causal LM folder cannot hold)")
     if not dec.cfg.qk_norm:
         raise UserError("export writes the QK-norm (Qwen3) decoder; this one was trained with decoder.qk_norm=false")
-    if dec.cfg.read_attention != "causal":
-        raise UserError(f"{model_dir} reads images with decoder.read_attention={dec.cfg.read_attention}: export writes "
-                        "a causal model only (transformers' generate() would read its images causally)")
     base = dec.cfg.hf_config(vocab.size).to_dict()
     for k in ("model_type", "architectures", "transformers_version", "_attn_implementation_autoset",
               "bos_token_id", "eos_token_id", "pad_token_id"):
         base.pop(k, None)
     layout = {**vocab.image_layout(), "eoi": vocab.eoi, "eol": vocab.eol}
-    cfg = VQFusionConfig(image_layout=layout, image_pos_embed=dec.cfg.image_pos_embed,
+    cfg = VQFusionConfig(image_layout=layout, image_pos_embed=dec.cfg.image_pos_embed, read_attention=dec.cfg.read_attention,
                          bos_token_id=vocab.bos, eos_token_id=vocab.eos, pad_token_id=vocab.pad, **base)
     cfg.architectures = [VQFusionForCausalLM.__name__]
     model = VQFusionForCausalLM(cfg)

@@ -7,7 +7,9 @@ learned column embedding added to the code's input embedding. The cells are read
 (`fusion.decoder.grid_cells`); when a forward sees only the newest tokens (generation with a KV cache, also
 the unconditional stream of transformers' classifier-free guidance), the ids seen so far ride on the cache
 object. Code features (FSQ levels, decoded pixels) are folded into plain embedding and head tables by the
-export, so the model here needs nothing but its weights.
+export, so the model here needs nothing but its weights. A model trained with `read_attention: bidirectional`
+reads the complete images of its prompt both ways: the prefill builds that mask (`fusion.decoder.read_spans`),
+every later token is causal, as in the project's sampler.
 
 `ImageGridLogitsProcessor` is the sampler's grid constraint for `generate()`: inside an image span exactly
 the layout's token may come next (a code, <eol>, <eoi>); outside one, no code, <eol> or <eoi>.
@@ -23,7 +25,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from data.runtime import UserError
-from fusion.decoder import grid_cells
+from fusion.decoder import attention_mask as read_mask
+from fusion.decoder import grid_cells, read_spans
 from fusion.vocab import ImageLayout
 
 MODEL_TYPE = "vqfusion"
@@ -36,9 +39,11 @@ class VQFusionConfig(Qwen3Config):
 
     model_type = MODEL_TYPE
 
-    def __init__(self, image_layout: dict | None = None, image_pos_embed: bool = False, **kwargs):
+    def __init__(self, image_layout: dict | None = None, image_pos_embed: bool = False,
+                 read_attention: str = "causal", **kwargs):
         self.image_layout = image_layout
         self.image_pos_embed = image_pos_embed
+        self.read_attention = read_attention
         super().__init__(**kwargs)
         if image_pos_embed and not image_layout:
             raise ValueError("image_pos_embed needs image_layout")
@@ -75,6 +80,15 @@ class VQFusionForCausalLM(Qwen3ForCausalLM):
         """Qwen3's forward; `image_cells` [b, t, 2], the codes' (row + 1, column + 1), may be given; by default
         they are read off the ids (those on the cache first, when it holds earlier tokens)."""
         seen = None
+        past = cache if cache is not None else kwargs.get("past_key_values")  # generate() passes the latter
+        prefill = past is None or past.get_seq_length() == 0
+        if (self.config.read_attention == "bidirectional" and prefill and input_ids is not None
+                and (attention_mask is None or attention_mask.ndim == 2)):
+            spans = read_spans(input_ids, self.config.image_layout["boi"], self.config.image_layout["eoi"])
+            if spans.any():  # the prompt's images are read both ways (one document per row, left padding masked)
+                valid = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+                one_doc = torch.ones_like(input_ids).cumsum(-1) - 1
+                attention_mask = read_mask(one_doc, spans, valid=valid)
         if inputs_embeds is None and input_ids is not None:
             if self.config.image_pos_embed and image_cells is None:
                 past = getattr(cache, SEEN, None) if cache is not None and cache.get_seq_length() > 0 else None

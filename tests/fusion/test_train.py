@@ -217,6 +217,41 @@ def test_export_loads_with_auto_classes_and_computes_what_the_decoder_does(train
         AutoModelForCausalLM.from_pretrained(other, local_files_only=True)
 
 
+def test_export_of_a_bidirectional_reader_reads_its_prompt_image_as_the_project_does(trained, tmp_path):
+    """decoder.read_attention=bidirectional survives the export: logits over a read image and a question equal
+    the project's decoder, and generate()'s greedy answer is the project's sampler's."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from fusion.checkpoint import save_bundle
+    from fusion.decoder import read_spans
+    from fusion.sequences import Segment, tokenize
+
+    bundle = load_bundle(trained / "model")
+    v, dec = bundle.vocab, bundle.decoder
+    dec.cfg.read_attention = "bidirectional"
+    save_bundle(tmp_path / "model", dec, v, trained / "model" / "image_tokenizer")
+    out = tmp_path / "export"
+    run_module("fusion.export", f"model_dir={tmp_path / 'model'}", f"out={out}")
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert model.config.read_attention == "bidirectional"
+    codes = np.random.default_rng(1).integers(0, v.num_codes, (v.layout.grid, v.layout.grid))
+    prompt = tokenize(v, [Segment.img(codes, loss=False), Segment.txt("Q: What colour is the circle? A:", loss=False)],
+                      add_eos=False).ids
+    ids = torch.tensor([prompt])
+    spans = read_spans(ids, v.boi, v.eoi)
+    with torch.no_grad():
+        ours = dec(input_ids=ids, read_span=spans).logits
+        causal = dec(input_ids=ids).logits
+        assert not torch.allclose(ours, causal, atol=1e-4)  # the mask matters for this model
+        assert torch.allclose(model(input_ids=ids).logits, ours, atol=1e-5)
+    want = Generator(dec, v).generate([prompt], SamplingConfig(temperature=0, allow_images=False, max_new_tokens=4))[0]
+    allowed = [*range(v.text_size), v.eos]
+    gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=len(want),
+                         suppress_tokens=[i for i in range(v.size) if i not in allowed])  # reading: text or <eos>
+    assert gen[0, ids.shape[1]:].tolist() == want
+
+
 def test_export_refuses_what_it_cannot_write_in_one_line(tmp_path):
     proc = run_module("fusion.export", f"model_dir={tmp_path / 'nothing'}", f"out={tmp_path / 'out'}", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no trained model at")
