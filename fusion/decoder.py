@@ -140,6 +140,11 @@ def read_spans(input_ids: torch.Tensor, boi: int, eoi: int) -> torch.Tensor:
     return torch.where(inside, opened, 0)
 
 
+def same_span(spans: torch.Tensor) -> torch.Tensor:
+    """[B, T, T]: True where query and key lie inside the same read image span (`spans` as read_spans gives)."""
+    return (spans[:, :, None] == spans[:, None, :]) & (spans[:, :, None] > 0)
+
+
 def attention_mask(position_ids: torch.Tensor, spans: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """[B, 1, T, T] boolean (True = may attend): causal within each packed document (a document starts where
     its position ids restart at 0), plus every pair inside one read image span (`spans`, k > 0). `valid` [B, T]
@@ -148,8 +153,7 @@ def attention_mask(position_ids: torch.Tensor, spans: torch.Tensor, valid: torch
     doc = (position_ids == 0).long().cumsum(-1)
     causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
     same_doc = doc[:, :, None] == doc[:, None, :]
-    same_span = (spans[:, :, None] == spans[:, None, :]) & (spans[:, :, None] > 0)
-    mask = same_doc & (causal | same_span)
+    mask = same_doc & (causal | same_span(spans))
     if valid is not None:
         mask = (mask & valid.bool()[:, None, :]) | torch.eye(T, dtype=torch.bool, device=mask.device)
     return mask[:, None]

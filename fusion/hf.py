@@ -80,14 +80,14 @@ class VQFusionForCausalLM(Qwen3ForCausalLM):
         """Qwen3's forward; `image_cells` [b, t, 2], the codes' (row + 1, column + 1), may be given; by default
         they are read off the ids (those on the cache first, when it holds earlier tokens)."""
         seen = None
-        past = cache if cache is not None else kwargs.get("past_key_values")  # generate() passes the latter
-        prefill = past is None or past.get_seq_length() == 0
+        kv = cache if cache is not None else kwargs.get("past_key_values")  # generate() passes the latter
+        prefill = kv is None or kv.get_seq_length() == 0
         if (self.config.read_attention == "bidirectional" and prefill and input_ids is not None
                 and (attention_mask is None or attention_mask.ndim == 2)):
             spans = read_spans(input_ids, self.config.image_layout["boi"], self.config.image_layout["eoi"])
             if spans.any():  # the prompt's images are read both ways (one document per row, left padding masked)
                 valid = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-                one_doc = torch.ones_like(input_ids).cumsum(-1) - 1
+                one_doc = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
                 attention_mask = read_mask(one_doc, spans, valid=valid)
         if inputs_embeds is None and input_ids is not None:
             if self.config.image_pos_embed and image_cells is None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fusion.decoder import same_span
+
 SUPPORTED = ("LlamaForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -97,7 +99,7 @@ class StaticKVCache:
             if spans is not None:  # the prompt's read images: every pair inside one span
                 if t0:
                     raise ValueError("read image spans are given with the first chunk (the prompt) only")
-                mask = mask | ((spans[:, :, None] == spans[:, None, :]) & (spans[:, :, None] > 0))[:, None]
+                mask = mask | same_span(spans)[:, None]
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         for i, b in enumerate(self.blocks):
             qkv = F.linear(F.rms_norm(x, *b["ln1"]), b["qkv"], b["qkv_bias"]).view(B, T, H + 2 * KV, D)
