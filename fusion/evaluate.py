@@ -28,7 +28,7 @@ from data.shards import iter_samples
 from fusion.adapter import insert_image_features
 from fusion.data import iter_code_samples
 from fusion.decoder import lm_losses
-from fusion.documents import qa_prompt
+from fusion.documents import reading_segments
 from fusion.generate import Generator, SamplingConfig
 from data.judge import PROMPT_TYPES, make_prompts, score
 from fusion.sequences import Packer, Segment, tokenize
@@ -54,7 +54,7 @@ def eval_samples(bundle: Bundle, codes_pattern: str, images_pattern: str | None,
 
 
 def reading_prompt(bundle: Bundle, image, question: str) -> tuple[list[int], list]:
-    doc = tokenize(bundle.vocab, [Segment.img(image, loss=False), Segment.txt(qa_prompt(question), loss=False)],
+    doc = tokenize(bundle.vocab, reading_segments(Segment.img(image, loss=False), question, bundle.question_first),
                    add_eos=False, placeholders=bundle.placeholders)
     return doc.ids, doc.images
 
@@ -110,11 +110,45 @@ def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dic
             wrong_in[k] += a in opts
             chance[k] += len(opts - {y}) / (len(ANSWERS[k]) - 1)
     examples = [{"q": q, "truth": y, "answer": a} for (_, q), y, a in list(zip(items, truth, answers))[:10]]
+    n_objects = [len(s["meta"]["scene"]["objects"]) if s["meta"].get("scene") else 0
+                 for s in samples for _ in s["meta"].get("qa") or []][:len(answers)]
     return {"accuracy": sum(right.values()) / len(answers), "questions": len(answers),
             "per_type": {k: right[k] / total[k] for k in sorted(total)}, "n_per_type": dict(sorted(total.items())),
             "wrong_in_scene": {k: wrong_in[k] / wrong[k] for k in sorted(wrong)},
             "wrong_in_scene_chance": {k: chance[k] / wrong[k] for k in sorted(wrong)},
+            "position_detail": position_detail([q for _, q in items], truth, answers, kinds, n_objects),
             "answers_per_s": round(len(answers) / elapsed, 1), "examples": examples}
+
+
+CELLS = {position_name(r, c): (r, c) for r in range(len(ROWS)) for c in range(len(COLS))}
+
+
+def position_detail(questions: list[str], truth: list[str], answers: list[str], kinds: list[str],
+                    n_objects: list[int]) -> dict:
+    """Where position reading fails. "Where is X?": the share with the row right and with the column right, for
+    scenes of one object (no binding needed) and of more; "Is A left of / above B?": accuracy and the share
+    answered "yes" (half the truths are yes, so ~100 % or ~0 % means the answer ignores the image)."""
+    where = {"single": defaultdict(int), "several": defaultdict(int)}
+    rel = defaultdict(int)
+    for q, y, a, k, n in zip(questions, truth, answers, kinds, n_objects):
+        if k != "position":
+            continue
+        if y in CELLS:
+            w = where["single" if n == 1 else "several"]
+            got = CELLS.get(a)
+            w["n"] += 1
+            w["right"] += a == y
+            w["row"] += got is not None and got[0] == CELLS[y][0]
+            w["column"] += got is not None and got[1] == CELLS[y][1]
+        else:
+            rel["n"] += 1
+            rel["right"] += a == y
+            rel["yes"] += a == "yes"
+    out = {f"where_{name}": {"questions": w["n"], **{m: w[m] / w["n"] for m in ("right", "row", "column")}}
+           for name, w in where.items() if w["n"]}
+    if rel["n"]:
+        out["relation"] = {"questions": rel["n"], "right": rel["right"] / rel["n"], "said_yes": rel["yes"] / rel["n"]}
+    return out
 
 
 @torch.no_grad()
@@ -348,6 +382,13 @@ def summary_table(report: dict) -> str:
             lines.append("VQA wrong answers     " + "  ".join(f"{k} {v:.0%} (chance {chance[k]:.0%})"
                                                             for k, v in vqa["wrong_in_scene"].items())
                          + "  name another object's attribute: binding, not seeing")
+        pos = vqa.get("position_detail") or {}
+        parts = [f"where ({k.split('_')[1]} object{'s' if k.endswith('several') else ''}) row {v['row']:.0%} "
+                 f"column {v['column']:.0%}" for k, v in pos.items() if k.startswith("where")]
+        if "relation" in pos:
+            parts.append(f"left of / above {pos['relation']['right']:.0%} (said yes {pos['relation']['said_yes']:.0%})")
+        if parts:
+            lines.append("VQA position          " + "  ".join(parts))
     held = report.get("vqa_holdout") or {}
     if held:
         lines.append("VQA accuracy (holdout) " + "  ".join(f"{k} {v:.0%}" for k, v in held["per_type"].items()))

@@ -86,3 +86,28 @@ def test_vqa_binding_breakdown_counts_answers_that_belong_to_another_object(monk
     assert r["per_type"] == {"colour": 0.0, "position": 0.0, "shape": 1.0}
     assert r["wrong_in_scene"] == {"colour": 0.5, "position": 1.0}  # the yes/no question is not counted
     assert r["wrong_in_scene_chance"] == {"colour": 1 / 5, "position": 1 / 8}  # one other object among 6 / 9 answers
+
+
+def test_position_detail_splits_row_from_column_and_flags_a_constant_yes(monkeypatch):
+    lone = Scene(resolution=48, background="white", objects=(Obj("circle", "red", "large", 0, 2, 40, 8, 10),),
+                 text=None).to_json()
+    objs = (Obj("circle", "red", "large", 0, 0, 8, 8, 10), Obj("square", "blue", "small", 2, 2, 40, 40, 6))
+    pair = Scene(resolution=48, background="white", objects=objs, text=None).to_json()
+    samples = [{"image": None, "meta": {"scene": lone, "qa": [
+                   {"type": "position", "q": "Where is the circle?", "a": "top right"}]}},
+               {"image": None, "meta": {"scene": pair, "qa": [
+                   {"type": "position", "q": "Where is the circle?", "a": "top left"},
+                   {"type": "position", "q": "Where is the square?", "a": "bottom right"},
+                   {"type": "position", "q": "Is the circle left of the square?", "a": "yes"},
+                   {"type": "position", "q": "Is the square left of the circle?", "a": "no"}]}}]
+    # lone: row right, column wrong; pair: wrong row right column, right; relations: "yes" to both
+    answers = ["top left", "bottom left", "bottom right", "yes", "yes"]
+    monkeypatch.setattr(fusion.evaluate, "answer_questions", lambda bundle, items: answers[:len(items)])
+    d = vqa_accuracy(None, samples, max_questions=100)["position_detail"]
+    assert d["where_single"] == {"questions": 1, "right": 0.0, "row": 1.0, "column": 0.0}
+    assert d["where_several"] == {"questions": 2, "right": 0.5, "row": 0.5, "column": 1.0}
+    assert d["relation"] == {"questions": 2, "right": 0.5, "said_yes": 1.0}
+    line = [x for x in fusion.evaluate.summary_table({"vqa_test": {"per_type": {}, "accuracy": 0, "questions": 5,
+                                                                   "position_detail": d}}).splitlines()
+            if x.startswith("VQA position")]
+    assert line and "column 0%" in line[0] and "said yes 100%" in line[0]
