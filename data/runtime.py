@@ -244,6 +244,7 @@ def adamw_with_schedule(named_params, o: dict, max_steps: int, lr_scale: dict[st
     muon = o.get("optimizer", "adamw") == "muon"
     if o.get("optimizer", "adamw") not in ("adamw", "muon"):
         raise ValueError(f"optimizer must be adamw or muon, got {o.get('optimizer')!r}")
+    named_params = list(named_params)
     groups: dict[tuple[str, bool, bool], list] = {}
     for name, p in named_params:
         prefix = next((k for k in prefixes if name.startswith(k)), "")
@@ -251,6 +252,10 @@ def adamw_with_schedule(named_params, o: dict, max_steps: int, lr_scale: dict[st
             p.requires_grad_(False)
         if p.requires_grad:
             groups.setdefault((prefix, p.ndim >= 2, muon and is_muon_matrix(name, p)), []).append(p)
+    names = [n for n, _ in named_params]
+    unmatched = [k for k in prefixes if not any(n.startswith(k) for n in names)]
+    if unmatched:
+        raise ValueError(f"lr_scale names no parameter: {unmatched} (parameter names start e.g. {names[:2]})")
     keys = [k for k in groups if not k[2]] if not muon else [k for k in groups if k[2]] + [k for k in groups if not k[2]]
     as_group = lambda k: {"params": groups[k], "weight_decay": o["weight_decay"] if k[1] else 0.0}
     if muon:

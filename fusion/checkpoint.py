@@ -41,6 +41,11 @@ class Bundle:
         return "adapter" if self.image_encoder is not None else "fusion"
 
     @property
+    def question_first(self) -> bool:
+        """Whether the model was trained to read a question before its image (TaskMix.question_first)."""
+        return bool((self.meta.get("reading") or {}).get("question_first"))
+
+    @property
     def placeholders(self) -> int:
         return self.image_encoder.tokens_per_image if self.image_encoder is not None else 0
 

@@ -34,17 +34,17 @@ class CurveConfig:
 
 class LearningCurves(Callback):
     def __init__(self, vocab, tokenizer, samples: list[dict], seq_len: int, tokens_per_step: int,
-                 world: WorldConfig | None, out: Path, cc: CurveConfig):
+                 world: WorldConfig | None, out: Path, cc: CurveConfig, meta: dict | None = None):
         self.vocab, self.tokenizer, self.samples, self.seq_len = vocab, tokenizer, samples, seq_len
         self.tokens_per_step = tokens_per_step  # per rank: batch size x sequence length
-        self.world, self.out, self.cc = world, out, cc
+        self.world, self.out, self.cc, self.meta = world, out, cc, meta or {}
         self.points: list[dict] = json.loads((out / "curves.json").read_text()) if (out / "curves.json").is_file() else []
         self.eval_s = 0.0
 
     def measure(self, decoder) -> dict:
         from fusion.evaluate import caption_gain, generation_scores, vqa_accuracy
 
-        bundle = Bundle(decoder, self.vocab, self.tokenizer, meta={})
+        bundle = Bundle(decoder, self.vocab, self.tokenizer, meta=self.meta)
         point: dict = {}
         images = [{**s, "image": s["codes"]} for s in self.samples]
         if self.cc.gain_images and len(images) >= 2:

@@ -3,7 +3,8 @@
 Every sample (an image as codes or pixels + caption + the shapes world's QA, when present) becomes one document:
   t2i        caption -> image                (writes images; the caption is emptied now and then for CFG)
   caption    image -> caption                (reads images)
-  vqa        image -> Q: .. A: .. per line   (reads images; loss on the answers, and on the codes if read_image_loss)
+  vqa        image -> Q: .. A: .. per line   (reads images; loss on the answers, and on the codes if read_image_loss;
+                                             question_first: the first question comes before the image)
   interleave caption -> image -> Q/A         (text, image, text in one document)
   text       caption alone                   (plain language modelling)
 """
@@ -24,6 +25,12 @@ def qa_prompt(question: str) -> str:
     return f"Q: {question} A:"
 
 
+def reading_segments(image_segment: Segment, question: str, question_first: bool = False) -> list[Segment]:
+    """An image and a question, in the order a model reads them (its training's `question_first`)."""
+    q = Segment.txt(qa_prompt(question), loss=False)
+    return [q, image_segment] if question_first else [image_segment, q]
+
+
 def qa_answer(answer: str) -> str:
     return f" {answer}\n"
 
@@ -41,10 +48,15 @@ class TaskMix:
     # most `curriculum_max_objects` objects; the other samples are read and passed over. 0: off
     curriculum_documents: int = 0
     curriculum_max_objects: int = 1
+    # > 0: the bound grows by one object every `curriculum_step_documents` documents (1, then 2, ... objects)
+    curriculum_step_documents: int = 0
     # image -> text documents (caption, vqa) also train on their image's codes, unconditionally (Chameleon and
     # Emu3 train on every token): predicting an object's next code without a caption needs what reading needs,
     # features at the image's own positions that say what each object is. False: loss on the text only
     read_image_loss: bool = False
+    # vqa documents ask their first question before the image ("Q: .. A:" <image> " answer"), so the codes are
+    # read knowing what is asked (the rest follow the image as usual); the evaluation asks the same way
+    question_first: bool = False
 
     def __post_init__(self):
         unknown = set(self.weights) - set(TASKS)
@@ -52,16 +64,20 @@ class TaskMix:
             raise ValueError(f"unknown tasks {sorted(unknown)}; known: {TASKS}")
         if self.caption_template is not None and self.caption_template not in range(4):
             raise ValueError(f"caption_template must be 0-3 or null, got {self.caption_template!r}")
-        if self.curriculum_documents < 0 or self.curriculum_max_objects < 1:
-            raise ValueError("curriculum needs documents >= 0 and max_objects >= 1, got "
-                             f"{self.curriculum_documents} / {self.curriculum_max_objects}")
+        if self.curriculum_documents < 0 or self.curriculum_max_objects < 1 or self.curriculum_step_documents < 0:
+            raise ValueError("curriculum needs documents >= 0, max_objects >= 1 and step_documents >= 0, got "
+                             f"{self.curriculum_documents} / {self.curriculum_max_objects} / "
+                             f"{self.curriculum_step_documents}")
 
     def in_curriculum(self, meta: dict, documents_so_far: int) -> bool:
         """False for a sample the curriculum passes over at this point of the stream."""
         if documents_so_far >= self.curriculum_documents:
             return True
         scene = meta.get("scene")
-        return scene is None or len(scene.get("objects") or []) <= self.curriculum_max_objects
+        bound = self.curriculum_max_objects
+        if self.curriculum_step_documents:
+            bound += documents_so_far // self.curriculum_step_documents
+        return scene is None or len(scene.get("objects") or []) <= bound
 
     def reading_caption(self, caption: str, meta: dict) -> str:
         """The caption an image -> caption document asks for."""
@@ -93,7 +109,10 @@ def make_document(task: str, image, caption: str, qa: list[dict], rng: random.Ra
         return [Segment.img(image, loss=mix.read_image_loss), Segment.txt(mix.reading_caption(caption, meta or {}),
                                                                           loss=True)]
     if task == "vqa":
-        return [Segment.img(image, loss=mix.read_image_loss), *qa_segments(qa, rng, mix.max_qa)]
+        qas = qa_segments(qa, rng, mix.max_qa)
+        if mix.question_first and qas:
+            return [qas[0], Segment.img(image, loss=mix.read_image_loss), *qas[1:]]
+        return [Segment.img(image, loss=mix.read_image_loss), *qas]
     if task == "interleave":
         return [Segment.txt(caption, loss=False), Segment.img(image, loss=True), *qa_segments(qa, rng, 3)]
     if task == "text":

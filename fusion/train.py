@@ -113,6 +113,20 @@ def optim_config(t: DictConfig) -> dict:
             "flops_budget": float(t.flops_budget) if t.get("flops_budget") else None}
 
 
+def lr_scales(t: DictConfig, decoder: dict) -> dict[str, float]:
+    """train.embed_lr_scale / head_lr_scale as LR multipliers per parameter-name prefix (data.runtime)."""
+    embed, head = float(t.get("embed_lr_scale", 1.0)), float(t.get("head_lr_scale", 1.0))
+    if decoder.get("tie_embeddings") and head != embed:
+        raise UserError(f"tied embeddings share one table: embed_lr_scale ({embed}) and head_lr_scale ({head}) "
+                        "must be equal")
+    out = {"decoder.lm.model.embed_tokens": embed}
+    if decoder.get("image_pos_embed"):
+        out |= {"decoder.image_rows": embed, "decoder.image_cols": embed}
+    if not decoder.get("tie_embeddings"):
+        out["decoder.lm.lm_head"] = head
+    return {k: v for k, v in out.items() if v != 1.0}
+
+
 def build_module(cfg: DictConfig, vocab: MultimodalVocab, run_dir: Path, tok_config: dict) -> FusionModule:
     """Both arms build the decoder first from the same seed, so they start from identical weights."""
     decoder = OmegaConf.to_container(cfg.decoder, resolve=True)
@@ -131,9 +145,10 @@ def build_module(cfg: DictConfig, vocab: MultimodalVocab, run_dir: Path, tok_con
     common = dict(decoder=decoder, vocab_size=vocab.size,
                   vocab_fingerprint=vocab.fingerprint(), optim=optim_config(cfg.train),
                   loss=OmegaConf.to_container(cfg.loss, resolve=True), seq_len=cfg.seq_len)
+    lr_scale = lr_scales(cfg.train, decoder)
     if cfg.arm == "fusion":
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        return FusionModule(**common)
+        return FusionModule(**common, lr_scale=lr_scale)
     if cfg.arm != "adapter":
         raise UserError(f"arm must be fusion or adapter, got {cfg.arm!r}")
     tower = OmegaConf.to_container(cfg.tower, resolve=True)
@@ -146,7 +161,7 @@ def build_module(cfg: DictConfig, vocab: MultimodalVocab, run_dir: Path, tok_con
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     stages = OmegaConf.to_container(cfg.adapter.stages, resolve=True) if cfg.adapter.two_stage else None
     return AdapterModule(**common, tower=tower, connector=cfg.adapter.connector, placeholder_id=vocab.placeholder,
-                         lr_scale=dict(cfg.adapter.lr_scale), stages=stages)
+                         lr_scale={**lr_scale, **cfg.adapter.lr_scale}, stages=stages)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -175,7 +190,9 @@ def train(cfg: DictConfig) -> dict:
     mix = TaskMix(weights=dict(cfg.tasks), cond_dropout=cfg.cond_dropout, max_qa=cfg.get("max_qa", 12),
                   caption_template=cfg.get("caption_template"), read_image_loss=bool(cfg.get("read_image_loss")),
                   curriculum_documents=int(curriculum.get("documents", 0)),
-                  curriculum_max_objects=int(curriculum.get("max_objects", 1)))
+                  curriculum_max_objects=int(curriculum.get("max_objects", 1)),
+                  curriculum_step_documents=int(curriculum.get("step_documents", 0)),
+                  question_first=bool(cfg.get("question_first")))
     if cfg.arm == "fusion":
         sources, extra = (str(codes / "train"), str(codes / "val")), {}
     else:  # the adapter reads the image shards the codes were made from: same keys, same order
@@ -197,7 +214,8 @@ def train(cfg: DictConfig) -> dict:
             n = max(curves.gain_images, curves.vqa_images)
             held = list(itertools.islice(iter_code_samples(str(codes / "val"), tok_meta["grid"], tok_meta["num_codes"]), n))
             callbacks.append(LearningCurves(vocab, load_tokenizer(tokenizer_dir), held, cfg.seq_len,
-                                            t.batch_size * cfg.seq_len, world_of(cfg.data), run_dir, curves))
+                                            t.batch_size * cfg.seq_len, world_of(cfg.data), run_dir, curves,
+                                            meta={"reading": {"question_first": mix.question_first}}))
     if cfg.get("audit"):
         callbacks.append(audit_callback(run_dir))
     overrides = {"max_time": {"seconds": int(60 * t.time_budget_min)}} if t.get("time_budget_min") else {}
@@ -224,7 +242,8 @@ def train(cfg: DictConfig) -> dict:
         summary["image_encoder_params"] = sum(p.numel() for p in module.image_encoder.parameters())
         summary["flops_per_image"] = module.flops_per_image
     summary["trainable_params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    save_bundle(run_dir / "model", module.decoder, vocab, tokenizer_dir, extra={"train": summary, "arm": cfg.arm},
+    save_bundle(run_dir / "model", module.decoder, vocab, tokenizer_dir, extra={"train": summary, "arm": cfg.arm,
+                                                                  "reading": {"question_first": mix.question_first}},
                 image_encoder=module.image_encoder if cfg.arm == "adapter" else None)
     write_json(run_dir / "train_summary.json", summary)
     print(f"model: {run_dir / 'model'}  ({summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "

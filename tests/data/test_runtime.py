@@ -160,3 +160,29 @@ def test_a_diverged_run_stops_with_one_clear_error(tmp_path):
     m = Poisoned.make(nan_loss=range(8), max_skipped=3)
     with pytest.raises(UserError, match="max_skipped_steps=3"):
         fit_poisoned(m, tmp_path)
+
+
+def test_lr_scale_multiplies_the_named_parameters_and_a_name_that_matches_nothing_is_an_error():
+    from torch import nn
+
+    from data.runtime import adamw_with_schedule
+    from fusion.train import lr_scales
+
+    net = nn.ModuleDict({"embed": nn.Embedding(5, 4), "body": nn.Linear(4, 4), "head": nn.Linear(4, 5)})
+    o = {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.0, "warmup_steps": 0, "min_lr_ratio": 1.0}
+    _, config = adamw_with_schedule(net.named_parameters(), o, max_steps=8, lr_scale={"embed": 10.0, "head": 0.5})
+    lrs = {id(p): g["lr"] for g in config["optimizer"].param_groups for p in g["params"]}
+    assert lrs[id(net["embed"].weight)] == pytest.approx(1e-2)
+    assert lrs[id(net["body"].weight)] == pytest.approx(1e-3)
+    assert lrs[id(net["head"].weight)] == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match="names no parameter"):
+        adamw_with_schedule(net.named_parameters(), o, max_steps=8, lr_scale={"embeddings": 10.0})
+    # the config's two knobs name the decoder's tables (the 2-D ones only when they exist; a tied head is the table)
+    from omegaconf import OmegaConf
+
+    t = OmegaConf.create({"embed_lr_scale": 10, "head_lr_scale": 1})
+    assert lr_scales(t, {"image_pos_embed": True}) == {"decoder.lm.model.embed_tokens": 10.0,
+                                                       "decoder.image_rows": 10.0, "decoder.image_cols": 10.0}
+    assert lr_scales(t, {"image_pos_embed": False}) == {"decoder.lm.model.embed_tokens": 10.0}
+    with pytest.raises(Exception, match="tied embeddings"):
+        lr_scales(t, {"tie_embeddings": True})

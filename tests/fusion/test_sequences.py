@@ -97,6 +97,12 @@ def test_curriculum_and_caption_template_shape_the_document_stream(vocab):
     third = stream.index(singles[2])
     assert sorted(curriculum[:3]) == singles[:3]
     assert sorted(curriculum) == sorted(singles[:3] + stream[third + 1:])  # later, every sample again
+    # a growing curriculum: one object for the first 2 documents, then up to two, then (after 4) everything
+    grow = TaskMix(curriculum_documents=4, curriculum_max_objects=1, curriculum_step_documents=2)
+    assert [grow.in_curriculum({"scene": {"objects": [0] * n}}, so_far) for n, so_far in
+            ((1, 0), (2, 1), (2, 2), (3, 3), (6, 4))] == [True, False, True, False, True]
+    grown = keys(grow)
+    assert [sizes[k] for k in grown[:2]] == [1, 1] and all(sizes[k] <= 2 for k in grown[2:4])
 
     mix = TaskMix(weights={"caption": 1.0}, caption_template=0)
     scene = Scene.from_json(samples[0]["meta"]["scene"])
@@ -123,3 +129,25 @@ def test_reading_documents_train_on_their_image_only_when_asked(vocab):
             doc = tokenize(vocab, make_document(task, random_codes(vocab), "A red circle.", qa, random.Random(0), mix))
             p = pack([doc], 512, vocab.pad)
             assert int(((p.labels != IGNORE) & (p.modality == 1)).sum()) == image_targets, task
+
+
+def test_question_first_puts_the_first_question_before_the_image_and_the_evaluation_asks_the_same_way(vocab):
+    import random
+
+    from fusion.checkpoint import Bundle
+    from fusion.documents import TaskMix, make_document
+    from fusion.evaluate import reading_prompt
+
+    qa = [{"type": "colour", "q": "What colour is the circle?", "a": "red"},
+          {"type": "shape", "q": "What shape is the red object?", "a": "circle"}]
+    codes = random_codes(vocab)
+    for first in (False, True):
+        segs = make_document("vqa", codes, "A red circle.", qa, random.Random(0), TaskMix(question_first=first))
+        kinds = ["image" if s.text is None else "text" for s in segs]
+        assert kinds.index("image") == (1 if first else 0) and len(segs) == 5  # image + 2 x (question, answer)
+        assert segs[-1].loss and not segs[kinds.index("image")].loss
+        doc = tokenize(vocab, segs)
+        ask = segs[0 if first else 1].text  # the question the answer after the image (or the next line) answers
+        bundle = Bundle(None, vocab, None, meta={"reading": {"question_first": first}})
+        ids, _ = reading_prompt(bundle, codes, ask[len("Q: "):-len(" A:")])
+        assert doc.ids[:len(ids)] == ids  # the evaluation's prompt is the training document's own prefix
