@@ -71,8 +71,8 @@ def answer_questions(bundle: Bundle, items: list[tuple[object, str]], batch_size
     return answers
 
 
-ANSWERS = {"colour": list(COLOURS), "shape": list(SHAPES),
-           "position": [position_name(r, c) for r in range(len(ROWS)) for c in range(len(COLS))]}
+CELLS = {position_name(r, c): (r, c) for r in range(len(ROWS)) for c in range(len(COLS))}  # answer -> (row, col)
+ANSWERS = {"colour": list(COLOURS), "shape": list(SHAPES), "position": list(CELLS)}
 
 
 def in_scene(scene: Scene, kind: str) -> set[str]:
@@ -85,13 +85,14 @@ def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dic
     object of the same scene is (its colour, shape or cell), beside `wrong_in_scene_chance`, that share for wrong
     answers drawn at random: well above chance means the model sees the attributes but binds them to the wrong
     object; at chance, that it does not see them."""
-    items, truth, kinds, options = [], [], [], []
+    items, truth, kinds, options, n_objects = [], [], [], [], []
     for s in samples:
         scene = Scene.from_json(s["meta"]["scene"]) if s["meta"].get("scene") else None
         for qa in s["meta"].get("qa") or []:
             items.append((s["image"], qa["q"]))
             truth.append(qa["a"])
             kinds.append(qa["type"])
+            n_objects.append(len(scene.objects) if scene is not None else 0)
             where = qa["type"] != "position" or qa["q"].startswith("Where")
             options.append(in_scene(scene, qa["type"]) if scene is not None and where else set())
     items, truth, kinds = items[:max_questions], truth[:max_questions], kinds[:max_questions]
@@ -110,8 +111,6 @@ def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dic
             wrong_in[k] += a in opts
             chance[k] += len(opts - {y}) / (len(ANSWERS[k]) - 1)
     examples = [{"q": q, "truth": y, "answer": a} for (_, q), y, a in list(zip(items, truth, answers))[:10]]
-    n_objects = [len(s["meta"]["scene"]["objects"]) if s["meta"].get("scene") else 0
-                 for s in samples for _ in s["meta"].get("qa") or []][:len(answers)]
     return {"accuracy": sum(right.values()) / len(answers), "questions": len(answers),
             "per_type": {k: right[k] / total[k] for k in sorted(total)}, "n_per_type": dict(sorted(total.items())),
             "wrong_in_scene": {k: wrong_in[k] / wrong[k] for k in sorted(wrong)},
@@ -119,8 +118,6 @@ def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dic
             "position_detail": position_detail([q for _, q in items], truth, answers, kinds, n_objects),
             "answers_per_s": round(len(answers) / elapsed, 1), "examples": examples}
 
-
-CELLS = {position_name(r, c): (r, c) for r in range(len(ROWS)) for c in range(len(COLS))}
 
 
 def position_detail(questions: list[str], truth: list[str], answers: list[str], kinds: list[str],

@@ -199,6 +199,7 @@ def train(cfg: DictConfig) -> dict:
         sources = (cfg.data.train, cfg.data.val)
         extra = {"pixels": ImageTransform(cfg.tower.image_size), "placeholders": module.image_encoder.tokens_per_image}
     val_mix = dataclasses.replace(mix, curriculum_documents=0)
+    reading = {"question_first": mix.question_first}  # how the model reads; saved with it (Bundle.question_first)
     val_data = in_order(sources[1], sequence_stages(vocab, cfg.seq_len, t.batch_size, val_mix, seed=1234,
                                                     shuffle_buffer=0, **extra))
     captions = [s["caption"] for _, s in zip(range(cfg.samples.count),
@@ -215,7 +216,7 @@ def train(cfg: DictConfig) -> dict:
             held = list(itertools.islice(iter_code_samples(str(codes / "val"), tok_meta["grid"], tok_meta["num_codes"]), n))
             callbacks.append(LearningCurves(vocab, load_tokenizer(tokenizer_dir), held, cfg.seq_len,
                                             t.batch_size * cfg.seq_len, world_of(cfg.data), run_dir, curves,
-                                            meta={"reading": {"question_first": mix.question_first}}))
+                                            meta={"reading": reading}))
     if cfg.get("audit"):
         callbacks.append(audit_callback(run_dir))
     overrides = {"max_time": {"seconds": int(60 * t.time_budget_min)}} if t.get("time_budget_min") else {}
@@ -243,7 +244,7 @@ def train(cfg: DictConfig) -> dict:
         summary["flops_per_image"] = module.flops_per_image
     summary["trainable_params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     save_bundle(run_dir / "model", module.decoder, vocab, tokenizer_dir, extra={"train": summary, "arm": cfg.arm,
-                                                                  "reading": {"question_first": mix.question_first}},
+                                                                  "reading": reading},
                 image_encoder=module.image_encoder if cfg.arm == "adapter" else None)
     write_json(run_dir / "train_summary.json", summary)
     print(f"model: {run_dir / 'model'}  ({summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
