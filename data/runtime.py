@@ -188,17 +188,71 @@ class ScheduledTraining:
         print(f"warning: {why} at step {self.global_step}; step skipped ({self.skipped_steps} so far)", flush=True)
 
 
+def _batched_muon():
+    import torch
+
+    class BatchedMuon(torch.optim.Muon):
+        """torch.optim.Muon's update, computed for all same-shape matrices of a group at once: the momentum
+        buffers are updated with foreach ops and the Newton-Schulz iterations run as batched matmuls (bf16),
+        instead of ~5 small matmuls per matrix in a Python loop. Same state ("momentum_buffer") and
+        hyper-parameters, so checkpoints of either load in the other (tests/data/test_runtime.py compares
+        the two step for step). On the tiny decoder (42 matrices) the optimizer step is ~3x faster on CPU."""
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                params, grads, bufs = [], [], []
+                self._init_group(group, params, grads, bufs)
+                by_shape: dict[tuple, list[int]] = {}
+                for i, p in enumerate(params):
+                    by_shape.setdefault(tuple(p.shape), []).append(i)
+                lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+                for shape, idx in by_shape.items():
+                    ps, gs, bs = [params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx]
+                    torch._foreach_lerp_(bs, gs, 1 - mom)
+                    update = torch.stack(gs).lerp(torch.stack(bs), mom) if group["nesterov"] else torch.stack(bs)
+                    update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                    ratio = 0.2 * max(shape) ** 0.5 if group["adjust_lr_fn"] == "match_rms_adamw" else (
+                        max(1, shape[0] / shape[1]) ** 0.5 if group["adjust_lr_fn"] in (None, "original") else 1.0)
+                    torch._foreach_mul_(ps, 1 - lr * wd)
+                    torch._foreach_add_(ps, list(update.to(ps[0].dtype).unbind(0)), alpha=-lr * ratio)
+            return loss
+
+    return BatchedMuon
+
+
+def newton_schulz(g, coefficients: tuple[float, float, float], steps: int, eps: float):
+    """Muon's quintic Newton-Schulz orthogonalisation (Keller Jordan's, as in torch.optim.Muon) of a batch of
+    matrices g (..., rows, cols), in bf16."""
+    import torch
+
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
 def _muon_adamw():
     import torch
 
     class MuonAdamW(torch.optim.Optimizer):
-        """Muon (torch.optim.Muon, orthogonalised momentum) on the transformer blocks' 2-D matrices and AdamW
+        """Muon (torch.optim.Muon's update, batched: BatchedMuon) on the transformer blocks' 2-D matrices and AdamW
         on everything else (embeddings, head, norms), as one optimizer so one LR schedule drives both. The
         groups are the inner optimizers' own dicts, so the scheduler's LR reaches them. Muon's update is scaled
         to AdamW's RMS ("match_rms_adamw", Moonlight), so both take the same base LR."""
 
         def __init__(self, muon_groups: list[dict], adamw_groups: list[dict], lr: float, betas, momentum: float):
-            self.muon = torch.optim.Muon(muon_groups, lr=lr, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+            self.muon = _batched_muon()(muon_groups, lr=lr, momentum=momentum, adjust_lr_fn="match_rms_adamw")
             self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas)
             super().__init__(self.muon.param_groups + self.adamw.param_groups, {"lr": lr})
 

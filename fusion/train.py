@@ -164,6 +164,16 @@ def build_module(cfg: DictConfig, vocab: MultimodalVocab, run_dir: Path, tok_con
                          lr_scale={**lr_scale, **cfg.adapter.lr_scale}, stages=stages)
 
 
+def compile_wanted(setting, max_steps: int | None) -> bool:
+    """train.compile: true | false | auto (compile when the run is long enough to repay the ~30-60 s the
+    first step spends compiling: max_steps >= 500, or no step bound)."""
+    if setting == "auto":
+        return not max_steps or max_steps < 0 or max_steps >= 500
+    if isinstance(setting, bool):
+        return setting
+    raise UserError(f"train.compile must be true, false or auto, got {setting!r}")
+
+
 def train(cfg: DictConfig) -> dict:
     run_dir = run_dir_of(cfg)
     save_resolved_config(cfg, run_dir)
@@ -177,6 +187,7 @@ def train(cfg: DictConfig) -> dict:
             vocab.save(run_dir / "vocab")
     t = cfg.train
     module = build_module(cfg, vocab, run_dir, tok_meta["config"])
+    module.compile_training = compile_wanted(t.get("compile", False), cfg.trainer.max_steps)
     if cfg.arm == "fusion" and "pixels" in module.decoder.cfg.code_features:
         from fusion.decoder import code_pixel_features
 
@@ -234,6 +245,7 @@ def train(cfg: DictConfig) -> dict:
     tokens = trainer.global_step * t.batch_size * cfg.seq_len * max(1, trainer.world_size)
     summary = {"steps": trainer.global_step, "seconds": round(elapsed, 1), "tokens": tokens,
                "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1), "precision": str(trainer.precision),
+               "compiled": module.compile_training,
                "params": sum(p.numel() for p in module.decoder.parameters()),
                "non_embedding_params": module.decoder.cfg.non_embedding_params(),
                "flops_per_token": module.flops_per_token, "train_flops": module.train_flops,

@@ -186,3 +186,32 @@ def test_lr_scale_multiplies_the_named_parameters_and_a_name_that_matches_nothin
     assert lr_scales(t, {"image_pos_embed": False}) == {"decoder.lm.model.embed_tokens": 10.0}
     with pytest.raises(Exception, match="tied embeddings"):
         lr_scales(t, {"tie_embeddings": True})
+
+
+def test_batched_muon_takes_torch_muons_steps_and_shares_its_checkpoints():
+    """BatchedMuon runs torch.optim.Muon's update for all same-shape matrices at once: the same parameters
+    after several steps (square, wide and tall matrices, weight decay, both LR adjustments), and each one's
+    state loads into the other."""
+    from data.runtime import _batched_muon
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 16), (16, 16), (40, 16), (16, 40), (40, 16), (8, 24)]
+    for adjust in ("match_rms_adamw", "original"):
+        ref = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in shapes]
+        ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+        opt_ref = torch.optim.Muon(ref, lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust)
+        opt_ours = _batched_muon()(ours, lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust)
+        start = [p.detach().clone() for p in ref]
+        for _ in range(3):
+            grads = [torch.randn(s, generator=g) for s in shapes]
+            for a, b, gr in zip(ref, ours, grads):
+                a.grad, b.grad = gr.clone(), gr.clone()
+            opt_ref.step()
+            opt_ours.step()
+        for a, b, s in zip(ref, ours, start):
+            assert (a - s).abs().max() > 1e-3  # it moved
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+        again = torch.optim.Muon(ours, lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust)
+        again.load_state_dict(opt_ours.state_dict())
+        for a, b in zip(opt_ours.state.values(), again.state.values()):
+            assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])

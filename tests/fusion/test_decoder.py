@@ -168,3 +168,50 @@ def test_modality_balance_averages_each_modality_apart():
     assert torch.allclose(b["loss"], (ce[:9].mean() + 3 * ce[9]) / 4)
     only_image = lm_losses(logits, labels, torch.ones_like(modality), 0.0, text_weight=3.0, balance="modality")
     assert torch.allclose(only_image["loss"], ce.mean())  # an absent modality takes no weight
+
+
+def _module_and_packed_batch():
+    from fusion.lit import FusionModule
+
+    vocab = tiny_vocab()
+    dec = tiny_decoder(vocab)
+    module = FusionModule(decoder=dec.cfg.to_dict(),
+                          vocab_size=vocab.size, vocab_fingerprint="x", optim={}, loss={"image_weight": 1.0,
+                          "text_weight": 1.0}, seq_len=64)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab.size, (2, 64), generator=g)
+    pos = torch.cat([torch.arange(24), torch.arange(40)]).expand(2, -1).contiguous()
+    batch = {"input_ids": ids, "position_ids": pos, "labels": ids.roll(-1, 1), "modality": (ids > 200).long()}
+    return module.train(), batch
+
+
+def test_compiled_training_forward_computes_what_the_eager_one_does_and_keeps_weight_names():
+    module, batch = _module_and_packed_batch()
+    eager = module.losses(batch)["loss"]
+    names = list(module.state_dict())
+    module.compile_training = True
+    compiled = module.losses(batch)
+    assert module.compile_training and module._compiled is not None  # no fallback happened
+    torch.testing.assert_close(compiled["loss"], eager, rtol=1e-4, atol=1e-5)
+    compiled["loss"].backward()
+    assert module.decoder.embed_tokens.weight.grad is not None
+    assert list(module.state_dict()) == names  # nothing like "_orig_mod." in checkpoints
+    module.eval()
+    assert module.run_decoder(input_ids=batch["input_ids"]).logits.shape[:2] == (2, 64)  # eval: eager
+
+
+def test_a_compiler_that_fails_falls_back_to_eager_training_with_one_warning(monkeypatch, capsys):
+    module, batch = _module_and_packed_batch()
+    eager = module.losses(batch)["loss"]
+
+    def broken(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("no C++ compiler found\nlong trace")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    module.compile_training = True
+    torch.testing.assert_close(module.losses(batch)["loss"], eager)
+    assert not module.compile_training
+    out = capsys.readouterr().out
+    assert out.count("warning: torch.compile failed (RuntimeError: no C++ compiler found)") == 1

@@ -96,16 +96,17 @@ def test_train_without_code_shards_fails_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_every_recipe_switch_trains_and_curves_are_drawn(tiny_fsq_codes, shapes_root, tmp_path):
     """Code features (FSQ levels and pixels, into embeddings and head), Muon, warmup-stable-decay, per-modality
-    loss balance and no row separators, all in one short run on FSQ codes; learning curves at each validation."""
+    loss balance, no row separators and a compiled training forward, all in one short run on FSQ codes; learning
+    curves at each validation; the saved model (plain parameter names) reloads."""
     run = tmp_path / "run"
     run_module("fusion.train", f"codes={tiny_fsq_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
                "decoder.code_features=[levels,pixels]", "decoder.code_head=true", "train.optimizer=muon", "train.schedule=wsd", "loss.balance=modality",
                "loss.text_weight=2.0", "layout.row_separator=false", "caption_template=0", "curriculum.documents=4", "read_image_loss=true",
-               "question_first=true", "train.embed_lr_scale=10", "train.head_lr_scale=2",
+               "question_first=true", "train.embed_lr_scale=10", "train.head_lr_scale=2", "train.compile=true",
                "curves.gain_images=8", "curves.vqa_images=3",
                "curves.judge_per_type=1")
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["steps"] == 16
+    assert summary["steps"] == 16 and summary["compiled"]  # trained through torch.compile, no fallback
     curves = json.loads((run / "curves.json").read_text())
     assert [p["step"] for p in curves] == [8, 16]
     for key in ("caption_gain", "caption_gain_fraction", "vqa_colour", "judge_single", "judge_attr_colour", "tokens"):
@@ -257,3 +258,12 @@ def test_export_of_a_bidirectional_reader_reads_its_prompt_image_as_the_project_
 def test_export_refuses_what_it_cannot_write_in_one_line(tmp_path):
     proc = run_module("fusion.export", f"model_dir={tmp_path / 'nothing'}", f"out={tmp_path / 'out'}", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no trained model at")
+
+
+def test_compile_setting_auto_compiles_long_runs_only_and_a_bad_value_is_one_line():
+    from fusion.train import compile_wanted
+
+    assert compile_wanted("auto", 2500) and compile_wanted("auto", -1) and not compile_wanted("auto", 16)
+    assert compile_wanted(True, 16) and not compile_wanted(False, 2500)
+    with pytest.raises(UserError, match="train.compile must be true, false or auto"):
+        compile_wanted("yes", 100)
