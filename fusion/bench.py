@@ -2,7 +2,8 @@
 
   peak      this CPU's matmul GFLOP/s in fp32 and bf16 (measured here, in this run)
   train     training tokens/s and MFU (FLOPs formula in fusion/decoder.py against the measured peak of
-            the precision used), fp32 and bf16-mixed, median over timed steps
+            the precision used) of the step fusion.train takes (Muon, compiled forward) and of the step without
+            each speed-up; where the time goes (forward, backward, optimizer); medians over timed steps
   sample    image tokens/s at batch 1 and 16 with the KV cache, and at batch 1 without it (the speed-up)
   loader    packed-sequence batches/s from code shards (when --codes is given)
 Targets (issue 3): MFU >= 35 %, KV-cache speed-up >= 5x for one image. Writes bench/fusion.json.
@@ -34,31 +35,43 @@ def bench_vocab(num_codes: int = 1024, grid: int = 12) -> MultimodalVocab:
 
 
 def train_speed(model: str, vocab_size: int, seq_len: int, batch: int, precision: str, steps: int,
-                peaks: dict) -> dict:
+                peaks: dict, optimizer: str = "muon", compile: bool = False) -> dict:
+    """One training step as fusion.train takes it (the project's optimizer, optionally the compiled forward),
+    timed in three parts: forward + loss, backward, optimizer step. Medians over `steps` after warm-up."""
+    from data.runtime import adamw_with_schedule
+
     torch.manual_seed(0)
     cfg = preset(model, seq_len)
     dec = Decoder(cfg, vocab_size).train()
-    opt = torch.optim.AdamW(dec.parameters(), lr=1e-4)
+    o = {"optimizer": optimizer, "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.1, "warmup_steps": 0,
+         "min_lr_ratio": 1.0, "muon_momentum": 0.95}
+    opt = adamw_with_schedule(dec.named_parameters(), o, max_steps=steps + 3)[1]["optimizer"]
+    forward = torch.compile(dec) if compile else dec
     ids = torch.randint(0, vocab_size, (batch, seq_len))
     pos = torch.arange(seq_len).expand(batch, -1)
     labels, modality = ids.roll(-1, 1), (ids > vocab_size // 2).long()
-    times = []
-    for i in range(steps + 2):
-        t = time.perf_counter()
+    parts = {"forward": [], "backward": [], "optimizer": []}
+    for i in range(steps + 3):
+        t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            logits = dec(input_ids=ids, position_ids=pos).logits
+            logits = forward(input_ids=ids, position_ids=pos).logits
         loss = lm_losses(logits, labels, modality, cfg.z_loss)["loss"]
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 2:  # the first steps allocate and warm caches
-            times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
+        if i >= 3:  # the first steps compile, allocate and warm caches
+            for k, v in zip(parts, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                parts[k].append(v)
+    ms = {k: statistics.median(v) * 1e3 for k, v in parts.items()}
+    step_s = sum(ms.values()) / 1e3
     tokens_s = batch * seq_len / step_s
     flops_s = tokens_s * cfg.flops_per_token(seq_len)
     peak = peaks["bf16" if precision == "bf16-mixed" else "fp32"] * 1e9
-    return {"precision": precision, "tokens_per_s": round(tokens_s), "gflops_per_s": round(flops_s / 1e9, 1),
-            "mfu": round(flops_s / peak, 3), "step_s_median": round(step_s, 3), "batch": batch, "seq_len": seq_len,
+    return {"precision": precision, "optimizer": optimizer, "compiled": compile, "tokens_per_s": round(tokens_s),
+            "gflops_per_s": round(flops_s / 1e9, 1), "mfu": round(flops_s / peak, 3), "step_s_median": round(step_s, 3),
+            "ms": {k: round(v, 1) for k, v in ms.items()}, "batch": batch, "seq_len": seq_len,
             "non_embedding_params": cfg.non_embedding_params()}
 
 
@@ -119,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads((args.out / name).read_text()) if (args.out / name).exists() else {}
     report.update({"model": args.model, "threads": torch.get_num_threads(),
                    "peak_gflops": {k: round(v, 1) for k, v in peaks.items()}})
-    # the training default (batch 2) and a larger batch, in both precisions
+    # the training default (batch 2, Muon, compiled) in both precisions; what each speed-up is worth beside it
     if "train" in parts:
-        report["train"] = [train_speed(args.model, vocab.size, 512, b, p, args.steps, peaks)
-                           for p in ("32-true", "bf16-mixed") for b in (2, 8)]
+        rows = [("32-true", 2, "muon", True), ("bf16-mixed", 2, "muon", True), ("bf16-mixed", 2, "muon", False),
+                ("bf16-mixed", 2, "adamw", False), ("bf16-mixed", 8, "muon", True)]
+        report["train"] = [train_speed(args.model, vocab.size, 512, b, p, args.steps, peaks, optimizer=o, compile=c)
+                           for p, b, o, c in rows]
         for t in report["train"]:  # the issue's yardstick: the bf16 matmul peak, whatever precision ran
             t["mfu_vs_bf16_peak"] = round(t["gflops_per_s"] * 1e9 / (peaks["bf16"] * 1e9), 3)
     if "sample" in parts:
@@ -131,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         report["loader"] = loader_speed(args.codes, vocab)
     write_json(args.out / name, report)
     for t in report.get("train", []) if "train" in parts else []:
-        print(f"train {t['precision']:10} batch {t['batch']} {t['tokens_per_s']:6} tokens/s  {t['gflops_per_s']:6} GFLOP/s  "
-              f"MFU {t['mfu']:.0%} of its precision's peak, {t['mfu_vs_bf16_peak']:.0%} of the bf16 peak")
+        print(f"train {t['precision']:10} batch {t['batch']} {t['optimizer']:5} {'compiled' if t['compiled'] else 'eager':8} "
+              f"{t['tokens_per_s']:6} tokens/s  {t['gflops_per_s']:6} GFLOP/s  MFU {t['mfu']:.0%} of its precision's peak, "
+              f"{t['mfu_vs_bf16_peak']:.0%} of the bf16 peak; ms forward {t['ms']['forward']}, backward "
+              f"{t['ms']['backward']}, optimizer {t['ms']['optimizer']}")
     s = report.get("sample")
     if s and "sample" in parts:
         print(f"sample: batch 1 {s['batch1_cache']['image_tokens_per_s']} image tokens/s with cache, "

@@ -193,7 +193,8 @@ def print_summary(name: str, out: Path, tok: Path, dec: Path, ev: Path, smp: Pat
         f"({tm['tokens_per_image']} tokens per image)",
         codes,
         summary_table(report),
-        f"decoder training      {train['steps']} steps, {train['tokens_per_s']:.0f} tokens/s, {train['precision']}, "
+        f"decoder training      {train['steps']} steps, {train['tokens_per_s']:.0f} tokens/s, {train['precision']}"
+        f"{', compiled' if train.get('compiled') else ''}, "
         f"{train['non_embedding_params'] / 1e6:.1f}M non-embedding parameters",
         f"wall time             " + "  ".join(f"{k} {v / 60:.1f} min" for k, v in times.items() if v) + f"  | total {total / 60:.1f} min",
         "pictures              " + ", ".join(p for p in pictures if p),

@@ -264,6 +264,7 @@ def test_compile_setting_auto_compiles_long_runs_only_and_a_bad_value_is_one_lin
     from fusion.train import compile_wanted
 
     assert compile_wanted("auto", 2500) and compile_wanted("auto", -1) and not compile_wanted("auto", 16)
+    assert not compile_wanted("auto", 2500, "fsdp") and compile_wanted("auto", 2500, "ddp")
     assert compile_wanted(True, 16) and not compile_wanted(False, 2500)
     with pytest.raises(UserError, match="train.compile must be true, false or auto"):
         compile_wanted("yes", 100)
