@@ -190,13 +190,14 @@ class ScheduledTraining:
 
 def _batched_muon():
     import torch
+    from torch.optim._muon import _adjust_lr  # torch's own LR scaling per matrix shape (torch is pinned)
 
     class BatchedMuon(torch.optim.Muon):
         """torch.optim.Muon's update, computed for all same-shape matrices of a group at once: the momentum
         buffers are updated with foreach ops and the Newton-Schulz iterations run as batched matmuls (bf16),
         instead of ~5 small matmuls per matrix in a Python loop. Same state ("momentum_buffer") and
         hyper-parameters, so checkpoints of either load in the other (tests/data/test_runtime.py compares
-        the two step for step). On the tiny decoder (42 matrices) the optimizer step is ~3x faster on CPU."""
+        the two step for step). On the tiny decoder (42 matrices) the optimizer step took 42 ms against 69 ms here."""
 
         @torch.no_grad()
         def step(self, closure=None):
@@ -216,10 +217,9 @@ def _batched_muon():
                     torch._foreach_lerp_(bs, gs, 1 - mom)
                     update = torch.stack(gs).lerp(torch.stack(bs), mom) if group["nesterov"] else torch.stack(bs)
                     update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                    ratio = 0.2 * max(shape) ** 0.5 if group["adjust_lr_fn"] == "match_rms_adamw" else (
-                        max(1, shape[0] / shape[1]) ** 0.5 if group["adjust_lr_fn"] in (None, "original") else 1.0)
                     torch._foreach_mul_(ps, 1 - lr * wd)
-                    torch._foreach_add_(ps, list(update.to(ps[0].dtype).unbind(0)), alpha=-lr * ratio)
+                    torch._foreach_add_(ps, list(update.to(ps[0].dtype).unbind(0)),
+                                        alpha=-_adjust_lr(lr, group["adjust_lr_fn"], ps[0].shape))
             return loss
 
     return BatchedMuon
