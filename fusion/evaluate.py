@@ -356,6 +356,11 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
             report[f"image_given_caption_{split}"] = teacher_forced(
                 bundle, [[Segment.txt(s["caption"], loss=False), Segment.img(s["image"])] for s in samples], cfg.seq_len)
             report[f"caption_gain_{split}"] = caption_gain(bundle, samples, cfg.seq_len, world)
+        probe_images = int((cfg.get("binding_probe") or {}).get("images", 0))
+        if bundle.arm == "fusion" and split == "test" and probe_images > 0:
+            from fusion.probes import binding_probe
+
+            report["binding_probe"] = binding_probe(bundle, samples[:probe_images])
     if bundle.arm == "adapter":
         report["generation"] = None  # the adapter baseline reads images but cannot write them
     elif cfg.generation.per_type > 0:
@@ -386,6 +391,10 @@ def summary_table(report: dict) -> str:
             parts.append(f"left of / above {pos['relation']['right']:.0%} (said yes {pos['relation']['said_yes']:.0%})")
         if parts:
             lines.append("VQA position          " + "  ".join(parts))
+    if report.get("binding_probe"):
+        from fusion.probes import summary_lines
+
+        lines += summary_lines(report["binding_probe"])
     held = report.get("vqa_holdout") or {}
     if held:
         lines.append("VQA accuracy (holdout) " + "  ".join(f"{k} {v:.0%}" for k, v in held["per_type"].items()))

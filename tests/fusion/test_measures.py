@@ -111,3 +111,41 @@ def test_position_detail_splits_row_from_column_and_flags_a_constant_yes(monkeyp
                                                                    "position_detail": d}}).splitlines()
             if x.startswith("VQA position")]
     assert line and "column 0%" in line[0] and "said yes 100%" in line[0]
+
+
+def test_binding_probe_finds_the_asked_object_and_reads_cells_back_from_the_residual():
+    """fusion/probes.py on a random-init decoder with strong 2-D tables: a code's cell is read off the input
+    embedding (block 0) almost always and the attention shares are shares; the asked object is the one the
+    question names (by shape, by colour, by colour and shape), None when the name is ambiguous."""
+    from data.shapes import WorldConfig, make_sample
+    from fusion.probes import asked_object, binding_probe, code_mask
+    from tests.fusion.helpers import random_codes
+
+    def obj(colour, shape, row, col):
+        return Obj(shape, colour, "small", row, col, 8.0 + 16 * col, 8.0 + 16 * row, 10.0)
+
+    scene = Scene(48, "white", (obj("red", "square", 0, 0), obj("blue", "square", 2, 1), obj("blue", "cross", 1, 2)))
+    assert asked_object(scene, "What colour is the cross?") == ("find_by_shape", scene.objects[2])
+    assert asked_object(scene, "What shape is the red object?") == ("find_by_colour", scene.objects[0])
+    assert asked_object(scene, "Where is the blue square?") == ("where", scene.objects[1])
+    assert asked_object(scene, "Where is the square?") is None and asked_object(scene, "How many?") is None
+    cells = np.array([[0, 0]] + [[r + 1, c + 1] for r in range(12) for c in range(12)])  # <boi>, then a 12 x 12 grid
+    mask = code_mask(scene, scene.objects[0], cells, 12)
+    # pixels 3-13 of a 48 px image on a 12 x 12 grid: the codes centred at 6 and 10 px, rows and columns 2-3
+    assert not mask[0] and set(map(tuple, cells[mask])) == {(r, c) for r in (2, 3) for c in (2, 3)}
+
+    torch.manual_seed(0)
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    dec = tiny_decoder(vocab, init_std=0.3, image_pos_embed=True, image_layout=vocab.image_layout())
+    dec.image_rows.weight.data *= 10
+    dec.image_cols.weight.data *= 10
+    world = WorldConfig()
+    samples = [{"image": random_codes(vocab, i), "meta": make_sample(world, "test", i)["meta"]} for i in range(40)]
+    r = binding_probe(Bundle(dec, vocab, None, meta={"arm": "fusion"}), samples)
+    assert r["codes"] > 50 and len(r["cell_from_code"]) == 3  # the input, then each of the 2 blocks
+    assert r["cell_from_code"][0] >= 0.9
+    asked = r["attention_share_best_head"]
+    assert sum(v["questions"] for v in asked.values()) > 10
+    for v in asked.values():
+        assert all(0 <= x <= 1 for x in v["per_block"]) and (v["area_share"] is None or 0 < v["area_share"] < 1)
+    assert dec.lm.config._attn_implementation == "sdpa"  # restored after the probe
