@@ -362,6 +362,27 @@ def questions(scene: Scene, rng: random.Random, per_type: int = 2) -> list[dict]
     return qa
 
 
+EXTRA_QUESTIONS = ("where_by_colour",)
+
+
+def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str]) -> list[dict]:
+    """Training-only questions beside the stored ones (the evaluation keeps asking the stored kinds).
+
+    where_by_colour: "Where is the red object?" for each object whose colour is unique in the scene. A model
+    finds an object by its colour long before it finds it by its shape (a code says its colour; a shape is spread
+    over several codes), so these teach the "where" answer to read the cell of the object it found.
+    """
+    unknown = set(kinds) - set(EXTRA_QUESTIONS)
+    if unknown:
+        raise ValueError(f"unknown extra questions {sorted(unknown)}; known: {EXTRA_QUESTIONS}")
+    qa: list[dict] = []
+    if "where_by_colour" in kinds:
+        for o in scene.objects:
+            if scene.count(colour=o.colour) == 1:
+                qa.append({"type": "position", "q": f"Where is the {o.colour} object?", "a": o.position})
+    return qa
+
+
 def make_sample(cfg: WorldConfig, split: str, index: int) -> dict:
     """Everything a shard holds for one scene: image, caption, QA and the scene itself."""
     scene = sample_scene(cfg, split, index)

@@ -57,6 +57,9 @@ class TaskMix:
     # vqa documents ask their first question before the image ("Q: .. A:" <image> " answer"), so the codes are
     # read knowing what is asked (the rest follow the image as usual); the evaluation asks the same way
     question_first: bool = False
+    # shapes world: training-only questions made from the sample's scene and added to its vqa documents
+    # (data.shapes.extra_questions, e.g. "where_by_colour"); the evaluation asks the stored questions only
+    extra_qa: tuple[str, ...] = ()
 
     def __post_init__(self):
         unknown = set(self.weights) - set(TASKS)
@@ -68,6 +71,12 @@ class TaskMix:
             raise ValueError("curriculum needs documents >= 0, max_objects >= 1 and step_documents >= 0, got "
                              f"{self.curriculum_documents} / {self.curriculum_max_objects} / "
                              f"{self.curriculum_step_documents}")
+        if self.extra_qa:
+            from data.shapes import EXTRA_QUESTIONS
+
+            unknown = set(self.extra_qa) - set(EXTRA_QUESTIONS)
+            if unknown:
+                raise ValueError(f"unknown extra_qa {sorted(unknown)}; known: {EXTRA_QUESTIONS}")
 
     def in_curriculum(self, meta: dict, documents_so_far: int) -> bool:
         """False for a sample the curriculum passes over at this point of the stream."""
@@ -86,6 +95,14 @@ class TaskMix:
         from data.shapes import Scene, caption as describe
 
         return describe(Scene.from_json(meta["scene"]), random.Random(0), template=self.caption_template)
+
+    def questions(self, qa: list[dict], meta: dict) -> list[dict]:
+        """The stored questions, and the extra ones this mix asks of the sample's scene (if it has one)."""
+        if not self.extra_qa or not meta.get("scene"):
+            return qa
+        from data.shapes import Scene, extra_questions
+
+        return [*qa, *extra_questions(Scene.from_json(meta["scene"]), self.extra_qa)]
 
     def pick(self, rng: random.Random, has_qa: bool) -> str:
         tasks = [t for t, w in self.weights.items() if w > 0 and (has_qa or t not in ("vqa", "interleave"))]
@@ -109,7 +126,7 @@ def make_document(task: str, image, caption: str, qa: list[dict], rng: random.Ra
         return [Segment.img(image, loss=mix.read_image_loss), Segment.txt(mix.reading_caption(caption, meta or {}),
                                                                           loss=True)]
     if task == "vqa":
-        qas = qa_segments(qa, rng, mix.max_qa)
+        qas = qa_segments(mix.questions(qa, meta or {}), rng, mix.max_qa)
         if mix.question_first and qas:
             return [qas[0], Segment.img(image, loss=mix.read_image_loss), *qas[1:]]
         return [Segment.img(image, loss=mix.read_image_loss), *qas]

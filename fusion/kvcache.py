@@ -73,10 +73,12 @@ class StaticKVCache:
         self.len, self.padded = 0, True
 
     @torch.inference_mode()
-    def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor, spans: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor, spans: torch.Tensor | None = None,
+                layer_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Append a chunk (attn [B, T]: 1 = real token, 0 = left padding; its input embeddings [B, T, h];
-        `spans` [B, T]: the chunk's read image spans, attended bidirectionally, fusion.decoder.read_spans);
-        return the last column's logits [B, V]."""
+        `spans` [B, T]: the chunk's read image spans, attended bidirectionally, fusion.decoder.read_spans;
+        `layer_pos` [B, T, h]: added before every block but the first, Decoder.layer_pos); return the last
+        column's logits [B, V]."""
         x = inputs_embeds
         B, T, _ = x.shape
         t0, t1 = self.len, self.len + T
@@ -102,6 +104,8 @@ class StaticKVCache:
                 mask = mask | same_span(spans)[:, None]
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         for i, b in enumerate(self.blocks):
+            if i and layer_pos is not None:
+                x = x + layer_pos.to(x.dtype)
             qkv = F.linear(F.rms_norm(x, *b["ln1"]), b["qkv"], b["qkv_bias"]).view(B, T, H + 2 * KV, D)
             qk, v = qkv[:, :, :H + KV], qkv[:, :, H + KV:]
             if b["qk_norm"] is not None:

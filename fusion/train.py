@@ -140,7 +140,7 @@ def build_module(cfg: DictConfig, vocab: MultimodalVocab, run_dir: Path, tok_con
         if "pixels" in decoder.get("code_features", []):
             decoder["code_pixel_dim"] = 3 * TokenizerConfig.from_dict(tok_config).downsample ** 2  # one patch, RGB
     else:  # the adapter's sequences hold no codes: nothing to place
-        decoder.update(image_pos_embed=False, image_layout=None, code_features=[], code_levels=None,
+        decoder.update(image_pos_embed=False, image_pos_every_layer=False, image_layout=None, code_features=[], code_levels=None,
                        code_pixel_dim=None, code_head=False)
     common = dict(decoder=decoder, vocab_size=vocab.size,
                   vocab_fingerprint=vocab.fingerprint(), optim=optim_config(cfg.train),
@@ -204,7 +204,7 @@ def train(cfg: DictConfig) -> dict:
                   curriculum_documents=int(curriculum.get("documents", 0)),
                   curriculum_max_objects=int(curriculum.get("max_objects", 1)),
                   curriculum_step_documents=int(curriculum.get("step_documents", 0)),
-                  question_first=bool(cfg.get("question_first")))
+                  question_first=bool(cfg.get("question_first")), extra_qa=tuple(cfg.get("extra_qa") or ()))
     if cfg.arm == "fusion":
         sources, extra = (str(codes / "train"), str(codes / "val")), {}
     else:  # the adapter reads the image shards the codes were made from: same keys, same order

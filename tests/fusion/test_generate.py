@@ -176,14 +176,22 @@ def test_transformers_dynamic_cache_fallback_matches_full_recompute(setup, monke
     assert with_cache == without
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_sampler_places_codes_where_the_full_forward_does(use_cache):
+@pytest.mark.parametrize("every_layer", [False, True], ids=["input_only", "every_layer"])
+@pytest.mark.parametrize("runner", ["lean_cache", "no_cache", "dynamic_cache"])
+def test_sampler_places_codes_where_the_full_forward_does(runner, every_layer, monkeypatch):
     """With 2-D position embeddings the sampler tells the model each new code's grid cell; the cells must
     be the ones Decoder.grid_cells reads off the finished sequence: greedy sampling then equals the
-    argmax of one full forward over the result, code by code."""
+    argmax of one full forward over the result, code by code. The same when the positions are added again
+    before every block (decoder.image_pos_every_layer), through each of the sampler's three forwards."""
+    import fusion.kvcache
+
+    if runner == "dynamic_cache":
+        monkeypatch.setattr(fusion.kvcache, "supported", lambda lm: False)
+    use_cache = runner != "no_cache"
     torch.manual_seed(2)
     vocab = tiny_vocab(grid=4, num_codes=32)
-    dec = tiny_decoder(vocab, init_std=0.5, image_pos_embed=True, image_layout=vocab.image_layout())
+    dec = tiny_decoder(vocab, init_std=0.5, image_pos_embed=True, image_layout=vocab.image_layout(),
+                       image_pos_every_layer=every_layer)
     dec.image_rows.weight.data *= 20  # make the grid cell decide: a wrong cell would change the argmax
     prompt = [vocab.bos, *vocab.encode_text("A picture of a red circle."), vocab.boi]
     out = Generator(dec, vocab).generate([prompt], SamplingConfig(temperature=0, max_new_tokens=vocab.layout.span_len,
@@ -194,3 +202,20 @@ def test_sampler_places_codes_where_the_full_forward_does(use_cache):
         if vocab.is_code(tok):
             at = len(prompt) - 1 + i  # the logits that chose out[i]
             assert int(logits[at, vocab.code_offset:].argmax()) + vocab.code_offset == tok
+
+
+def test_positions_before_every_block_change_the_function_and_only_the_codes():
+    """image_pos_every_layer adds the 2-D embeddings before blocks 1.. too: the same weights then give other
+    logits after an image's codes, the same logits for text before any image."""
+    torch.manual_seed(4)
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    kw = dict(init_std=0.3, image_pos_embed=True, image_layout=vocab.image_layout())
+    once, again = tiny_decoder(vocab, **kw), tiny_decoder(vocab, **kw, image_pos_every_layer=True)
+    again.load_state_dict(once.state_dict())  # no new parameters: the state dicts have the same keys
+    text = [vocab.bos, *vocab.encode_text("A red circle.")]
+    ids = torch.tensor([text + vocab.encode_image(torch.arange(16).reshape(4, 4).numpy())])
+    a, b = (d(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None]).logits[0] for d in (once, again))
+    torch.testing.assert_close(a[:len(text) + 1], b[:len(text) + 1])  # up to <boi>: no code seen yet
+    assert (a[len(text) + 2:] - b[len(text) + 2:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="image_pos_every_layer needs image_pos_embed"):
+        tiny_decoder(vocab, image_pos_every_layer=True)

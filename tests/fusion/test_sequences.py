@@ -117,6 +117,35 @@ def test_curriculum_and_caption_template_shape_the_document_stream(vocab):
         TaskMix(caption_template=7)
 
 
+def test_extra_questions_ask_where_an_object_of_a_unique_colour_is():
+    """where_by_colour adds "Where is the red object?" for each object whose colour no other object has, answered
+    with its cell, to vqa documents only; samples without a scene keep their stored questions; unknown kinds fail."""
+    import random
+
+    from data.shapes import Obj, Scene, extra_questions
+    from fusion.documents import TaskMix, make_document
+
+    def obj(colour, shape, row, col):
+        return Obj(shape, colour, "small", row, col, 8.0 + 16 * col, 8.0 + 16 * row, 8.0)
+
+    scene = Scene(48, "white", (obj("red", "square", 0, 0), obj("blue", "circle", 2, 1), obj("blue", "cross", 1, 2)))
+    assert extra_questions(scene, ["where_by_colour"]) == [
+        {"type": "position", "q": "Where is the red object?", "a": "top left"}]  # blue is not unique: not asked
+    with pytest.raises(ValueError, match="unknown extra questions"):
+        extra_questions(scene, ["colour_by_place"])
+    with pytest.raises(ValueError, match="extra_qa"):
+        TaskMix(extra_qa=("colour_by_place",))
+    stored = [{"type": "count", "q": "How many objects are there?", "a": "3"}]
+    mix = TaskMix(extra_qa=("where_by_colour",))
+    meta = {"scene": scene.to_json()}
+    assert mix.questions(stored, meta) == stored + extra_questions(scene, ["where_by_colour"])
+    assert mix.questions(stored, {}) == stored and TaskMix().questions(stored, meta) == stored
+    texts = [s.text for s in make_document("vqa", None, "", stored, random.Random(0), mix, meta)]
+    assert "Q: Where is the red object? A:" in texts and " top left\n" in texts
+    texts = [s.text for s in make_document("vqa", None, "", stored, random.Random(0), TaskMix(), meta)]
+    assert "Q: Where is the red object? A:" not in texts
+
+
 def test_reading_documents_train_on_their_image_only_when_asked(vocab):
     import random
 

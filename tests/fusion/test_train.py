@@ -55,9 +55,10 @@ def test_sample_command_writes_images_and_interleaved_output(trained, tmp_path):
 @pytest.mark.slow
 def test_evaluate_reports_every_measure(trained, tiny_codes, shapes_root, tmp_path):
     proc = run_module("fusion.evaluate", f"model_dir={trained / 'model'}", f"codes={tiny_codes}", f"data.root={shapes_root}",
-                      f"run_dir={tmp_path}", "vqa_images=6", "generation.per_type=2", "seq_len=256")
+                      f"run_dir={tmp_path}", "vqa_images=6", "generation.per_type=2", "seq_len=256", "binding_probe.images=6")
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert set(report["vqa_test"]["per_type"]) == {"colour", "shape", "count", "position", "text"}
+    assert report["binding_probe"]["codes"] > 0 and "binding probe" in proc.stdout
     assert 0 <= report["generation"]["pass_rate"] <= 1 and len(report["generation"]["per_type"]) == 5
     assert report["caption_test"]["perplexity"] > 1 and report["text_only_test"]["tokens"] > 0
     assert (tmp_path / "generation_grid.png").is_file() and "VQA accuracy" in proc.stdout
@@ -102,7 +103,7 @@ def test_every_recipe_switch_trains_and_curves_are_drawn(tiny_fsq_codes, shapes_
     run_module("fusion.train", f"codes={tiny_fsq_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
                "decoder.code_features=[levels,pixels]", "decoder.code_head=true", "train.optimizer=muon", "train.schedule=wsd", "loss.balance=modality",
                "loss.text_weight=2.0", "layout.row_separator=false", "caption_template=0", "curriculum.documents=4", "read_image_loss=true",
-               "question_first=true", "train.embed_lr_scale=10", "train.head_lr_scale=2", "train.compile=true",
+               "question_first=true", "extra_qa=[where_by_colour]", "decoder.image_pos_every_layer=true", "train.embed_lr_scale=10", "train.head_lr_scale=2", "train.compile=true",
                "curves.gain_images=8", "curves.vqa_images=3",
                "curves.judge_per_type=1")
     summary = json.loads((run / "train_summary.json").read_text())
