@@ -2,10 +2,11 @@
 
 - Attention to the asked object. At the token that predicts the answer, each head's attention over the image's
   codes is split between the asked object's codes and the other objects' codes; the share on the asked object,
-  averaged over questions, for the best head of each block, per kind of question (scenes of 2-3 objects): "What colour is the square?" (the object is found by its
-  shape), "What shape is the red object?" (found by its colour) and "Where is the square?" (found by its shape or
-  colour and shape). A head that finds the object puts most of its object attention there; a head that does not
-  puts about the object's share of the objects' area (`area_share`).
+  averaged over questions, for the best head of each block, per kind of question (scenes of 2-3 objects):
+  "What colour is the square?" (the object is found by its shape), "What shape is the red object?" (found by its
+  colour) and "Where is the square?" (found by its shape or colour and shape). A head that finds the object puts
+  most of its object attention there; a head that does not puts about the object's share of the objects' area
+  (`area_share`).
 - The cell a code sits in, read back from the residual stream: a linear probe per block (the input embedding,
   then after each block) predicts the 3 x 3 cell of the object a code belongs to from that code's hidden state
   alone (every object of every image). A "Where" answer needs the cell to reach the heads that find the object.
@@ -126,7 +127,8 @@ def cell_probe(states: torch.Tensor, labels: torch.Tensor, seed: int = 0, steps:
         opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
         with torch.enable_grad():
             for _ in range(steps):
-                loss = torch.nn.functional.cross_entropy(probe(x[train]), labels[train]) + 1e-3 * probe.weight.pow(2).sum()
+                loss = (torch.nn.functional.cross_entropy(probe(x[train]), labels[train])
+                        + 1e-3 * probe.weight.pow(2).sum())
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
