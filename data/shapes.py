@@ -362,6 +362,22 @@ def questions(scene: Scene, rng: random.Random, per_type: int = 2) -> list[dict]
     return qa
 
 
+def grid_description(scene: Scene) -> str:
+    """The scene cell by cell, in reading order, every cell named: "top left: red square top left; top centre:
+    empty; ...; bottom right: the word cat." (a training target and the evaluation's first answer when a model
+    is trained to describe first, TaskMix.describe_first). A fixed order of named cells turns reading into
+    lookups: at "top centre:" the model looks up the codes of that cell (as it does when it writes an image from
+    a caption), and a later question is answered from the text it wrote. An object's cell is named again after
+    it, so "Where is the red square?" is answered by copying what follows "red square" (an induction-head
+    copy); with the cell only before the object the model did not learn to use the description in 1,750 steps
+    (study screen 9)."""
+    what: dict[tuple[int, int], str] = {(o.row, o.col): f"{o.colour} {o.shape} {o.position}" for o in scene.objects}
+    if scene.text:
+        what[(scene.text.row, scene.text.col)] = f"the word {scene.text.word}"
+    cells = [f"{position_name(r, c)}: {what.get((r, c), 'empty')}" for r in range(len(ROWS)) for c in range(len(COLS))]
+    return "; ".join(cells) + "."
+
+
 EXTRA_QUESTIONS = ("where_by_colour",)
 
 

@@ -46,6 +46,12 @@ class Bundle:
         return bool((self.meta.get("reading") or {}).get("question_first"))
 
     @property
+    def describe_first(self) -> bool:
+        """Whether the model was trained to describe an image cell by cell before its questions
+        (TaskMix.describe_first): the evaluation lets it write that description first."""
+        return bool((self.meta.get("reading") or {}).get("describe_first"))
+
+    @property
     def placeholders(self) -> int:
         return self.image_encoder.tokens_per_image if self.image_encoder is not None else 0
 

@@ -58,6 +58,8 @@ class LearningCurves(Callback):
             point.update({f"vqa_{k}": v for k, v in vqa.get("per_type", {}).items()})
             if vqa:
                 point["vqa_all"] = vqa["accuracy"]
+            if vqa.get("description"):  # a describe-first model: the cells its own descriptions name right
+                point["vqa_description_cells"] = vqa["description"]["cells"]
         if self.cc.judge_per_type and self.world is not None:
             sc = SamplingConfig(temperature=self.cc.temperature, top_k=self.cc.top_k, cfg_scale=self.cc.cfg_scale,
                                 max_new_tokens=self.vocab.layout.span_len)

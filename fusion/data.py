@@ -74,7 +74,7 @@ def packed_sequences(samples: Iterable[dict], vocab: MultimodalVocab, seq_len: i
             continue
         documents += 1
         qa = s["meta"].get("qa") or []
-        task = mix.pick(rng, has_qa=bool(qa))
+        task = mix.pick(rng, has_qa=bool(qa), has_scene=bool(s["meta"].get("scene")))
         if task in ("caption", "text") and not s["caption"]:
             task = "t2i"  # nothing to learn to say; it can still be drawn unconditionally
         yield {"__read__": s["notes"]}

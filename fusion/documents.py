@@ -4,9 +4,12 @@ Every sample (an image as codes or pixels + caption + the shapes world's QA, whe
   t2i        caption -> image                (writes images; the caption is emptied now and then for CFG)
   caption    image -> caption                (reads images)
   vqa        image -> Q: .. A: .. per line   (reads images; loss on the answers, and on the codes if read_image_loss;
-                                             question_first: the first question comes before the image)
+                                             question_first: the first question comes before the image;
+                                             describe_first: "Scene: <every cell's content>" before the questions)
   interleave caption -> image -> Q/A         (text, image, text in one document)
   text       caption alone                   (plain language modelling)
+  scene_qa   "Scene: <every cell>" -> Q/A    (shapes world, no image: answers read from a description; teaches the
+                                             copy a describe-first model needs after it has described an image)
 """
 
 from __future__ import annotations
@@ -18,17 +21,30 @@ import numpy as np
 
 from fusion.sequences import Segment
 
-TASKS = ("t2i", "caption", "vqa", "interleave", "text")
+TASKS = ("t2i", "caption", "vqa", "interleave", "text", "scene_qa")
 
 
 def qa_prompt(question: str) -> str:
     return f"Q: {question} A:"
 
 
-def reading_segments(image_segment: Segment, question: str, question_first: bool = False) -> list[Segment]:
-    """An image and a question, in the order a model reads them (its training's `question_first`)."""
+SCENE_PROMPT = "Scene:"
+
+
+def description_segments(description: str, loss: bool) -> list[Segment]:
+    """What follows the image when a model describes first: the prompt, then the description (its own line)."""
+    return [Segment.txt(SCENE_PROMPT, loss=False), Segment.txt(f" {description}\n", loss=loss)]
+
+
+def reading_segments(image_segment: Segment, question: str, question_first: bool = False,
+                     description: str | None = None) -> list[Segment]:
+    """An image and a question, in the order a model reads them (its training's `question_first`; with the
+    description it wrote of the image first when it was trained to describe first)."""
     q = Segment.txt(qa_prompt(question), loss=False)
-    return [q, image_segment] if question_first else [image_segment, q]
+    if question_first:
+        return [q, image_segment]
+    described = description_segments(description, loss=False) if description is not None else []
+    return [image_segment, *described, q]
 
 
 def qa_answer(answer: str) -> str:
@@ -60,6 +76,10 @@ class TaskMix:
     # shapes world: training-only questions made from the sample's scene and added to its vqa documents
     # (data.shapes.extra_questions, e.g. "where_by_colour"); the evaluation asks the stored questions only
     extra_qa: tuple[str, ...] = ()
+    # shapes world: vqa documents describe the image cell by cell before the questions ("Scene: top left: red
+    # square; top centre: empty; ..." with loss, data.shapes.grid_description); the evaluation lets the model
+    # write its description first, then asks each question after it
+    describe_first: bool = False
 
     def __post_init__(self):
         unknown = set(self.weights) - set(TASKS)
@@ -71,6 +91,8 @@ class TaskMix:
             raise ValueError("curriculum needs documents >= 0, max_objects >= 1 and step_documents >= 0, got "
                              f"{self.curriculum_documents} / {self.curriculum_max_objects} / "
                              f"{self.curriculum_step_documents}")
+        if self.describe_first and self.question_first:
+            raise ValueError("describe_first and question_first exclude each other (the description follows the image)")
         if self.extra_qa:
             from data.shapes import EXTRA_QUESTIONS
 
@@ -104,8 +126,9 @@ class TaskMix:
 
         return [*qa, *extra_questions(Scene.from_json(meta["scene"]), self.extra_qa)]
 
-    def pick(self, rng: random.Random, has_qa: bool) -> str:
-        tasks = [t for t, w in self.weights.items() if w > 0 and (has_qa or t not in ("vqa", "interleave"))]
+    def pick(self, rng: random.Random, has_qa: bool, has_scene: bool = False) -> str:
+        tasks = [t for t, w in self.weights.items() if w > 0 and (has_qa or t not in ("vqa", "interleave", "scene_qa"))
+                 and (has_scene or t != "scene_qa")]
         return rng.choices(tasks, weights=[self.weights[t] for t in tasks])[0]
 
 
@@ -129,9 +152,19 @@ def make_document(task: str, image, caption: str, qa: list[dict], rng: random.Ra
         qas = qa_segments(mix.questions(qa, meta or {}), rng, mix.max_qa)
         if mix.question_first and qas:
             return [qas[0], Segment.img(image, loss=mix.read_image_loss), *qas[1:]]
-        return [Segment.img(image, loss=mix.read_image_loss), *qas]
+        described = []
+        if mix.describe_first and (meta or {}).get("scene"):
+            from data.shapes import Scene, grid_description
+
+            described = description_segments(grid_description(Scene.from_json(meta["scene"])), loss=True)
+        return [Segment.img(image, loss=mix.read_image_loss), *described, *qas]
     if task == "interleave":
         return [Segment.txt(caption, loss=False), Segment.img(image, loss=True), *qa_segments(qa, rng, 3)]
     if task == "text":
         return [Segment.txt(caption, loss=True)]
+    if task == "scene_qa":
+        from data.shapes import Scene, grid_description
+
+        description = grid_description(Scene.from_json((meta or {})["scene"]))
+        return [*description_segments(description, loss=False), *qa_segments(mix.questions(qa, meta or {}), rng, mix.max_qa)]
     raise ValueError(f"unknown task {task!r}")

@@ -20,15 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.grid import save_grid, save_labelled, to_pil
 from data.runtime import UserError, cli, run_dir_of, save_resolved_config, write_json
-from data.shapes import (COLOURS, COLS, ROWS, SHAPES, Scene, WorldConfig, caption, description_entropy, position_name,
-                         world_of)
+from data.shapes import (COLOURS, COLS, ROWS, SHAPES, Scene, WorldConfig, caption, description_entropy,
+                         grid_description, position_name, world_of)
 from fusion.checkpoint import Bundle, load_bundle
 from data.loader import ImageTransform
 from data.shards import iter_samples
 from fusion.adapter import insert_image_features
 from fusion.data import iter_code_samples
 from fusion.decoder import lm_losses
-from fusion.documents import reading_segments
+from fusion.documents import SCENE_PROMPT, reading_segments
 from fusion.generate import Generator, SamplingConfig
 from data.judge import PROMPT_TYPES, make_prompts, score
 from fusion.sequences import Packer, Segment, tokenize
@@ -53,22 +53,61 @@ def eval_samples(bundle: Bundle, codes_pattern: str, images_pattern: str | None,
     return out
 
 
-def reading_prompt(bundle: Bundle, image, question: str) -> tuple[list[int], list]:
-    doc = tokenize(bundle.vocab, reading_segments(Segment.img(image, loss=False), question, bundle.question_first),
-                   add_eos=False, placeholders=bundle.placeholders)
+def reading_prompt(bundle: Bundle, image, question: str, description: str | None = None) -> tuple[list[int], list]:
+    """The prompt whose continuation is the answer (`description`: what a describe-first model wrote first)."""
+    segs = reading_segments(Segment.img(image, loss=False), question, bundle.question_first, description)
+    doc = tokenize(bundle.vocab, segs, add_eos=False, placeholders=bundle.placeholders)
     return doc.ids, doc.images
 
 
-def answer_questions(bundle: Bundle, items: list[tuple[object, str]], batch_size: int = 32) -> list[str]:
-    """Greedy answers to (image, question) pairs; the image is codes or pixels, as the model reads it."""
+def _greedy(bundle: Bundle, prompts: list[tuple[list[int], list]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy text continuations of (ids, images) prompts, each to the end of its line."""
     v, gen = bundle.vocab, Generator(bundle.decoder, bundle.vocab, bundle.image_encoder)
-    sc = SamplingConfig(temperature=0, allow_images=False, stop_at_newline=True, max_new_tokens=8)
-    answers = []
-    for i in range(0, len(items), batch_size):
-        prompts, images = zip(*(reading_prompt(bundle, im, q) for im, q in items[i:i + batch_size]))
-        outs = gen.generate(list(prompts), sc, images=list(images) if bundle.arm == "adapter" else None)
-        answers += [v.decode_text(out).strip() for out in outs]
-    return answers
+    sc = SamplingConfig(temperature=0, allow_images=False, stop_at_newline=True, max_new_tokens=max_new_tokens)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids, images = zip(*prompts[i:i + batch_size])
+        done = gen.generate(list(ids), sc, images=list(images) if bundle.arm == "adapter" else None)
+        out += [v.decode_text(o).strip() for o in done]
+    return out
+
+
+def describe_images(bundle: Bundle, images: list, batch_size: int = 32) -> list[str]:
+    """What a describe-first model writes after "Scene:" for each image (greedy, one line)."""
+    prompts = []
+    for im in images:
+        doc = tokenize(bundle.vocab, [Segment.img(im, loss=False), Segment.txt(SCENE_PROMPT, loss=False)],
+                       add_eos=False, placeholders=bundle.placeholders)
+        prompts.append((doc.ids, doc.images))
+    return _greedy(bundle, prompts, 128, batch_size)
+
+
+def answer_questions(bundle: Bundle, items: list[tuple[object, str]], batch_size: int = 32,
+                     described: dict[int, str] | None = None) -> list[str]:
+    """Greedy answers to (image, question) pairs; the image is codes or pixels, as the model reads it. A model
+    trained to describe first answers after its own description of the image (`described`: id(image) -> what
+    it wrote; written here, once per image, when not given)."""
+    if bundle.describe_first and described is None:
+        unique = list({id(im): im for im, _ in items}.values())
+        described = dict(zip(map(id, unique), describe_images(bundle, unique, batch_size)))
+    described = described or {}
+    prompts = [reading_prompt(bundle, im, q, described.get(id(im))) for im, q in items]
+    return _greedy(bundle, prompts, 8, batch_size)
+
+
+def description_accuracy(written: list[str], scenes: list[Scene]) -> dict:
+    """Descriptions a model wrote against the scenes' own (data.shapes.grid_description): the share of cells
+    whose content it names right (empty, the object's colour and shape, the word) and of images right in every
+    cell."""
+    cells = whole = 0
+    for text, scene in zip(written, scenes):
+        truth = grid_description(scene).rstrip(".").split("; ")
+        got = text.rstrip(".").split("; ")
+        right = sum(a == b for a, b in zip(truth, got))
+        cells += right
+        whole += right == len(truth) == len(got)
+    n = max(len(scenes), 1)
+    return {"cells": cells / (9 * n), "whole": whole / n, "images": len(scenes), "examples": written[:3]}
 
 
 CELLS = {position_name(r, c): (r, c) for r in range(len(ROWS)) for c in range(len(COLS))}  # answer -> (row, col)
@@ -99,7 +138,15 @@ def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dic
     if not items:
         return {}
     t = time.perf_counter()
-    answers = answer_questions(bundle, items)
+    described, description = None, None
+    if bundle.describe_first:  # each image described once: its questions are asked after what the model wrote
+        asked = {id(im) for im, _ in items}
+        samples = [s for s in samples if id(s["image"]) in asked]
+        written = describe_images(bundle, [s["image"] for s in samples])
+        described = {id(s["image"]): w for s, w in zip(samples, written)}
+        scenes = [(Scene.from_json(s["meta"]["scene"]), w) for s, w in zip(samples, written) if s["meta"].get("scene")]
+        description = description_accuracy([w for _, w in scenes], [sc for sc, _ in scenes]) if scenes else None
+    answers = answer_questions(bundle, items, described=described)
     elapsed = time.perf_counter() - t
     right, total, wrong = defaultdict(int), defaultdict(int), defaultdict(int)
     wrong_in, chance = defaultdict(float), defaultdict(float)
@@ -116,7 +163,8 @@ def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dic
             "wrong_in_scene": {k: wrong_in[k] / wrong[k] for k in sorted(wrong)},
             "wrong_in_scene_chance": {k: chance[k] / wrong[k] for k in sorted(wrong)},
             "position_detail": position_detail([q for _, q in items], truth, answers, kinds, n_objects),
-            "answers_per_s": round(len(answers) / elapsed, 1), "examples": examples}
+            "answers_per_s": round(len(answers) / elapsed, 1), "examples": examples,
+            **({"description": description} if description else {})}
 
 
 
@@ -391,6 +439,10 @@ def summary_table(report: dict) -> str:
             parts.append(f"left of / above {pos['relation']['right']:.0%} (said yes {pos['relation']['said_yes']:.0%})")
         if parts:
             lines.append("VQA position          " + "  ".join(parts))
+        if vqa.get("description"):
+            d = vqa["description"]
+            lines.append(f"scene description     cells right {d['cells']:.0%}  whole scene right {d['whole']:.0%}"
+                         f"  ({d['images']} images; the model's own, written before the questions)")
     if report.get("binding_probe"):
         from fusion.probes import summary_lines
 

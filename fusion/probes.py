@@ -22,7 +22,7 @@ import torch
 
 from data.shapes import Scene
 from fusion.checkpoint import Bundle
-from fusion.evaluate import reading_prompt
+from fusion.evaluate import describe_images, reading_prompt
 
 KINDS = {"find_by_shape": "What colour is the ", "find_by_colour": "What shape is the ", "where": "Where is the "}
 
@@ -70,8 +70,11 @@ def binding_probe(bundle: Bundle, samples: list[dict], min_objects: int = 2, max
     shares = {k: [] for k in KINDS}
     area = {k: [] for k in KINDS}
     states, labels = [], []
+    # a describe-first model is asked after the description it wrote (the answer's attention is still measured on
+    # the image's codes)
+    written = describe_images(bundle, [s["image"] for s in samples]) if bundle.describe_first else [None] * len(samples)
     try:
-        for s in samples:
+        for s, description in zip(samples, written):
             scene = Scene.from_json(s["meta"]["scene"])
             asked = min_objects <= len(scene.objects) <= max_objects
             for qa in s["meta"]["qa"] if asked else []:
@@ -79,7 +82,7 @@ def binding_probe(bundle: Bundle, samples: list[dict], min_objects: int = 2, max
                 if found is None:
                     continue
                 kind, obj = found
-                ids, _ = reading_prompt(bundle, s["image"], qa["q"])
+                ids, _ = reading_prompt(bundle, s["image"], qa["q"], description)
                 out, t = _forward(dec, ids)
                 cells = dec.grid_cells(t)[0].cpu().numpy()
                 target = code_mask(scene, obj, cells, grid)

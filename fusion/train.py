@@ -26,7 +26,7 @@ from data.loader import ImageTransform, in_order, make_loader, train_loader
 from data.runtime import (UserError, audit_callback, checkpoint_callbacks, cli, env_is_rank_zero, make_trainer, resume_checkpoint, run_dir_of, save_resolved_config,
                           throughput_monitor, write_json)
 from data.shards import ReadStats
-from data.shapes import world_of
+from data.shapes import Scene, grid_description, world_of
 from fusion.checkpoint import save_bundle
 from fusion.curves import CurveConfig, LearningCurves
 from fusion.data import iter_code_samples, sequence_stages
@@ -54,7 +54,8 @@ def code_source(cfg: DictConfig) -> tuple[Path, str, dict]:
 
 
 def build_vocab(cfg: DictConfig, codes: Path, tok_meta: dict) -> MultimodalVocab:
-    """The text tokenizer (trained on the training captions and QA, or loaded) + specials + image codes."""
+    """The text tokenizer (trained on the training captions and QA, and the scene descriptions of a describe-first
+    model; or loaded) + specials + image codes."""
     if cfg.get("vocab_dir"):  # e.g. the ablation: both arms share one vocabulary
         vocab = MultimodalVocab.load(cfg.vocab_dir)
         if vocab.num_codes != tok_meta["num_codes"] or vocab.layout.grid != tok_meta["grid"]:
@@ -72,6 +73,8 @@ def build_vocab(cfg: DictConfig, codes: Path, tok_meta: dict) -> MultimodalVocab
                 yield s["caption"]
                 for qa in s["meta"].get("qa") or []:
                     yield f"Q: {qa['q']} A: {qa['a']}"
+                if cfg.get("describe_first") and s["meta"].get("scene"):  # the text it will write, tokenized as such
+                    yield grid_description(Scene.from_json(s["meta"]["scene"]))
         text_tok = train_text_tokenizer(texts(), vocab_size=cfg.text.vocab_size)
     return MultimodalVocab(text_tok, tok_meta["num_codes"], layout)
 
@@ -204,14 +207,16 @@ def train(cfg: DictConfig) -> dict:
                   curriculum_documents=int(curriculum.get("documents", 0)),
                   curriculum_max_objects=int(curriculum.get("max_objects", 1)),
                   curriculum_step_documents=int(curriculum.get("step_documents", 0)),
-                  question_first=bool(cfg.get("question_first")), extra_qa=tuple(cfg.get("extra_qa") or ()))
+                  question_first=bool(cfg.get("question_first")), extra_qa=tuple(cfg.get("extra_qa") or ()),
+                  describe_first=bool(cfg.get("describe_first")))
     if cfg.arm == "fusion":
         sources, extra = (str(codes / "train"), str(codes / "val")), {}
     else:  # the adapter reads the image shards the codes were made from: same keys, same order
         sources = (cfg.data.train, cfg.data.val)
         extra = {"pixels": ImageTransform(cfg.tower.image_size), "placeholders": module.image_encoder.tokens_per_image}
     val_mix = dataclasses.replace(mix, curriculum_documents=0)
-    reading = {"question_first": mix.question_first}  # how the model reads; saved with it (Bundle.question_first)
+    # how the model reads; saved with it (Bundle.question_first, Bundle.describe_first)
+    reading = {"question_first": mix.question_first, "describe_first": mix.describe_first}
     val_data = in_order(sources[1], sequence_stages(vocab, cfg.seq_len, t.batch_size, val_mix, seed=1234,
                                                     shuffle_buffer=0, **extra))
     captions = [s["caption"] for _, s in zip(range(cfg.samples.count),

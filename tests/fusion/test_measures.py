@@ -15,6 +15,8 @@ from fusion.checkpoint import Bundle
 from fusion.decoder import lm_losses
 from fusion.evaluate import caption_gain, vqa_accuracy
 from fusion.sequences import Packer, Segment, tokenize
+
+NO_MODEL = Bundle(None, None, None, meta={})  # answers are monkeypatched: only the reading protocol is looked at
 from tests.fusion.helpers import tiny_decoder, tiny_vocab
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a white star"]
@@ -81,8 +83,8 @@ def test_vqa_binding_breakdown_counts_answers_that_belong_to_another_object(monk
           {"type": "position", "q": "Where is the circle?", "a": "top left"},
           {"type": "position", "q": "Is the circle left of the square?", "a": "yes"}]
     answers = ["blue", "green", "circle", "bottom right", "no"]  # bound wrong, unseen, right, bound wrong, wrong
-    monkeypatch.setattr(fusion.evaluate, "answer_questions", lambda bundle, items: answers[:len(items)])
-    r = vqa_accuracy(None, [{"image": None, "meta": {"scene": scene, "qa": qa}}], max_questions=100)
+    monkeypatch.setattr(fusion.evaluate, "answer_questions", lambda bundle, items, described=None: answers[:len(items)])
+    r = vqa_accuracy(NO_MODEL, [{"image": None, "meta": {"scene": scene, "qa": qa}}], max_questions=100)
     assert r["per_type"] == {"colour": 0.0, "position": 0.0, "shape": 1.0}
     assert r["wrong_in_scene"] == {"colour": 0.5, "position": 1.0}  # the yes/no question is not counted
     assert r["wrong_in_scene_chance"] == {"colour": 1 / 5, "position": 1 / 8}  # one other object among 6 / 9 answers
@@ -102,8 +104,8 @@ def test_position_detail_splits_row_from_column_and_flags_a_constant_yes(monkeyp
                    {"type": "position", "q": "Is the square left of the circle?", "a": "no"}]}}]
     # lone: row right, column wrong; pair: wrong row right column, right; relations: "yes" to both
     answers = ["top left", "bottom left", "bottom right", "yes", "yes"]
-    monkeypatch.setattr(fusion.evaluate, "answer_questions", lambda bundle, items: answers[:len(items)])
-    d = vqa_accuracy(None, samples, max_questions=100)["position_detail"]
+    monkeypatch.setattr(fusion.evaluate, "answer_questions", lambda bundle, items, described=None: answers[:len(items)])
+    d = vqa_accuracy(NO_MODEL, samples, max_questions=100)["position_detail"]
     assert d["where_single"] == {"questions": 1, "right": 0.0, "row": 1.0, "column": 0.0}
     assert d["where_several"] == {"questions": 2, "right": 0.5, "row": 0.5, "column": 1.0}
     assert d["relation"] == {"questions": 2, "right": 0.5, "said_yes": 1.0}

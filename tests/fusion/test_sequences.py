@@ -180,3 +180,50 @@ def test_question_first_puts_the_first_question_before_the_image_and_the_evaluat
         bundle = Bundle(None, vocab, None, meta={"reading": {"question_first": first}})
         ids, _ = reading_prompt(bundle, codes, ask[len("Q: "):-len(" A:")])
         assert doc.ids[:len(ids)] == ids  # the evaluation's prompt is the training document's own prefix
+
+
+def test_describe_first_writes_every_cell_before_the_questions_and_the_evaluation_asks_after_its_own(vocab):
+    """describe_first: vqa documents of a scene put "Scene: <each cell's content>" (a target) between the image
+    and the questions; the evaluation's prompt is the same prefix with the model's own description; the
+    description is scored cell by cell; question_first cannot be combined with it."""
+    import random
+
+    from data.shapes import Obj, Scene, Text, grid_description
+    from fusion.checkpoint import Bundle
+    from fusion.documents import SCENE_PROMPT, TaskMix, make_document
+    from fusion.evaluate import answer_questions, description_accuracy, reading_prompt
+
+    scene = Scene(48, "white", (Obj("square", "red", "small", 0, 0, 8.0, 8.0, 8.0),
+                                Obj("circle", "blue", "large", 2, 1, 24.0, 40.0, 13.0)), Text("cat", 1, 1, 24.0, 24.0, 10))
+    truth = grid_description(scene)
+    assert truth == ("top left: red square top left; top centre: empty; top right: empty; middle left: empty; "
+                     "centre: the word cat; middle right: empty; bottom left: empty; bottom centre: blue circle "
+                     "bottom centre; bottom right: empty.")
+    qa = [{"type": "position", "q": "Where is the square?", "a": "top left"}]
+    codes, meta = random_codes(vocab), {"scene": scene.to_json()}
+    segs = make_document("vqa", codes, "", qa, random.Random(0), TaskMix(describe_first=True), meta)
+    assert [s.text for s in segs[1:]] == [SCENE_PROMPT, f" {truth}\n", "Q: Where is the square? A:", " top left\n"]
+    assert [s.loss for s in segs] == [False, False, True, False, True]
+    assert len(make_document("vqa", codes, "", qa, random.Random(0), TaskMix(describe_first=True), {})) == 3
+    bundle = Bundle(None, vocab, None, meta={"reading": {"describe_first": True}})
+    assert bundle.describe_first and not Bundle(None, vocab, None, meta={}).describe_first
+    ids, _ = reading_prompt(bundle, codes, "Where is the square?", truth)
+    assert tokenize(vocab, segs).ids[:len(ids)] == ids  # the evaluation's prompt is the training document's prefix
+    assert description_accuracy([truth], [scene]) == {"cells": 1.0, "whole": 1.0, "images": 1, "examples": [truth]}
+    wrong = truth.replace("top left: red square", "top left: red circle")
+    assert wrong != truth
+    assert description_accuracy([wrong], [scene])["cells"] == pytest.approx(8 / 9)
+    assert description_accuracy([wrong], [scene])["whole"] == 0.0
+    with pytest.raises(ValueError, match="exclude each other"):
+        TaskMix(describe_first=True, question_first=True)
+    # scene_qa: the same description and questions without the image, only for samples with a scene
+    segs = make_document("scene_qa", None, "", qa, random.Random(0), TaskMix(), meta)
+    assert [s.text for s in segs] == [SCENE_PROMPT, f" {truth}\n", "Q: Where is the square? A:", " top left\n"]
+    assert [s.loss for s in segs] == [False, False, False, True]
+    mix = TaskMix(weights={"t2i": 0.5, "scene_qa": 0.5})
+    assert {mix.pick(random.Random(i), has_qa=True) for i in range(20)} == {"t2i"}  # no scene: never scene_qa
+    assert "scene_qa" in {mix.pick(random.Random(i), has_qa=True, has_scene=True) for i in range(20)}
+    # a (random) describe-first model answers every question, after describing each image once
+    model = Bundle(tiny_decoder(vocab).eval(), vocab, None, meta={"reading": {"describe_first": True}})
+    answers = answer_questions(model, [(codes, "Where is the square?"), (codes, "What colour is the circle?")])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)

@@ -140,16 +140,21 @@ def test_study_trains_each_variant_per_seed_and_tabulates(tiny_codes, shapes_roo
               "curves.gain_images=4", "curves.vqa_images=2", "curves.judge_per_type=1"]
     quoted = lambda items: "[" + ",".join(f'"{x}"' for x in items) + "]"
     proc = run_module("fusion.study", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={out}", "steps=6",
-                      "seeds=[0]", "only=[baseline,wsd]", f"common={quoted(common)}",
+                      "seeds=[0]", "only=[baseline,describe_first]", f"common={quoted(common)}",
                       f"eval_overrides={quoted(['vqa_images=4', 'max_questions=20', 'generation.per_type=1', 'seq_len=256'])}")
     table = json.loads((out / "study.json").read_text())["variants"]
-    assert list(table) == ["baseline", "wsd"]
+    assert list(table) == ["baseline", "describe_first"]
     for v in table.values():
         assert v["seeds"] == [0] and v["steps"]["values"] == [6] and v["judge_single"]["mean"] is not None
     assert (out / "study.md").is_file() and (out / "study_curves.png").is_file() and "| baseline |" in proc.stdout
+    # the describe-first model wrote a description of each test image before its questions, scored per cell
+    described = json.loads((out / "describe_first/seed0/evaluation/evaluation.json").read_text())["vqa_test"]
+    assert described["description"]["images"] >= 1 and 0 <= described["description"]["cells"] <= 1
+    assert "description" not in json.loads((out / "baseline/seed0/evaluation/evaluation.json").read_text())["vqa_test"]
+    assert "vqa_description_cells" in json.loads((out / "describe_first/seed0/curves.json").read_text())[-1]
     again = run_module("fusion.study", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={out}",
-                       "collect_only=true", "only=[wsd]")
-    assert "| wsd |" in again.stdout and "fusion.train" not in again.stdout
+                       "collect_only=true", "only=[describe_first]")
+    assert "| describe_first |" in again.stdout and "fusion.train" not in again.stdout
 
 
 @pytest.mark.slow
