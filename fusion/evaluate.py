@@ -60,7 +60,8 @@ def reading_prompt(bundle: Bundle, image, question: str, description: str | None
     return doc.ids, doc.images
 
 
-def _greedy(bundle: Bundle, prompts: list[tuple[list[int], list]], max_new_tokens: int, batch_size: int) -> list[str]:
+def greedy_lines(bundle: Bundle, prompts: list[tuple[list[int], list]], max_new_tokens: int,
+                 batch_size: int = 32) -> list[str]:
     """Greedy text continuations of (ids, images) prompts, each to the end of its line."""
     v, gen = bundle.vocab, Generator(bundle.decoder, bundle.vocab, bundle.image_encoder)
     sc = SamplingConfig(temperature=0, allow_images=False, stop_at_newline=True, max_new_tokens=max_new_tokens)
@@ -79,7 +80,7 @@ def describe_images(bundle: Bundle, images: list, batch_size: int = 32) -> list[
         doc = tokenize(bundle.vocab, [Segment.img(im, loss=False), Segment.txt(SCENE_PROMPT, loss=False)],
                        add_eos=False, placeholders=bundle.placeholders)
         prompts.append((doc.ids, doc.images))
-    return _greedy(bundle, prompts, 128, batch_size)
+    return greedy_lines(bundle, prompts, 128, batch_size)
 
 
 def answer_questions(bundle: Bundle, items: list[tuple[object, str]], batch_size: int = 32,
@@ -92,7 +93,7 @@ def answer_questions(bundle: Bundle, items: list[tuple[object, str]], batch_size
         described = dict(zip(map(id, unique), describe_images(bundle, unique, batch_size)))
     described = described or {}
     prompts = [reading_prompt(bundle, im, q, described.get(id(im))) for im, q in items]
-    return _greedy(bundle, prompts, 8, batch_size)
+    return greedy_lines(bundle, prompts, 8, batch_size)
 
 
 def description_accuracy(written: list[str], scenes: list[Scene]) -> dict:

@@ -1,4 +1,4 @@
-"""Why a model binds badly: two probes of a trained decoder on shapes-world scenes (fusion.evaluate, binding_probe).
+"""Why a model binds badly: probes of a trained decoder on shapes-world scenes (fusion.evaluate, binding_probe).
 
 - Attention to the asked object. At the token that predicts the answer, each head's attention over the image's
   codes is split between the asked object's codes and the other objects' codes; the share on the asked object,
@@ -10,6 +10,8 @@
 - The cell a code sits in, read back from the residual stream: a linear probe per block (the input embedding,
   then after each block) predicts the 3 x 3 cell of the object a code belongs to from that code's hidden state
   alone (every object of every image). A "Where" answer needs the cell to reach the heads that find the object.
+- For a describe-first model (TaskMix.describe_first), whether its answers come from its description: "Where"
+  questions asked after the true description, and after one with the asked object's cell moved (study screen 9).
 
 The demo model (README, study screen 8): found by colour 0.88, by shape 0.58, "Where" 0.45 against an area share
 of 0.43; the cell is read at 100 % from the input, 50 % after block 3 and 32 % at the top.
@@ -17,12 +19,14 @@ of 0.43; the cell is read at 100 % from the input, 50 % after block 3 and 32 % a
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 
-from data.shapes import Scene
+from data.shapes import Scene, grid_description, position_name
 from fusion.checkpoint import Bundle
-from fusion.evaluate import describe_images, reading_prompt
+from fusion.evaluate import describe_images, greedy_lines, reading_prompt
 
 KINDS = {"find_by_shape": "What colour is the ", "find_by_colour": "What shape is the ", "where": "Where is the "}
 
@@ -113,7 +117,45 @@ def binding_probe(bundle: Bundle, samples: list[dict], min_objects: int = 2, max
             "area_share": round(float(np.mean(area[k])), 3) if v else None} for k, v in shares.items()}}
     report["cell_from_code"] = cell_probe(torch.stack(states), torch.tensor(labels), seed) if states else []
     report["codes"] = len(labels)
+    if bundle.describe_first:
+        report["description"] = description_probe(bundle, samples, seed)
     return report
+
+
+def description_probe(bundle: Bundle, samples: list[dict], seed: int = 0) -> dict:
+    """Does a describe-first model answer from its description? The "Where is ...?" questions of scenes of two or
+    more objects, asked after the scene's true description (data.shapes.grid_description), then after the same
+    description with the asked object's cell (the one named after it) moved to another cell: the share right
+    given the true text, and of the moved answers the share that follows the text (chance 1/8) or keeps the
+    image's cell."""
+    rng = random.Random(seed)
+    cells = [position_name(r, c) for r in range(3) for c in range(3)]
+    true_prompts, moved_prompts, truth, moved_to = [], [], [], []
+    for s in samples:
+        scene = Scene.from_json(s["meta"]["scene"])
+        if len(scene.objects) < 2:
+            continue
+        text = grid_description(scene)
+        for qa in s["meta"]["qa"]:
+            found = asked_object(scene, qa["q"])
+            if found is None or found[0] != "where":
+                continue
+            obj = found[1]
+            other = rng.choice([c for c in cells if c != obj.position])
+            named = f"{obj.colour} {obj.shape} {obj.position}"
+            true_prompts.append(reading_prompt(bundle, s["image"], qa["q"], text))
+            moved_prompts.append(reading_prompt(bundle, s["image"], qa["q"],
+                                                text.replace(named, f"{obj.colour} {obj.shape} {other}")))
+            truth.append(obj.position)
+            moved_to.append(other)
+    if not truth:
+        return {}
+    given = greedy_lines(bundle, true_prompts, 8, 32)
+    moved = greedy_lines(bundle, moved_prompts, 8, 32)
+    n = len(truth)
+    return {"questions": n, "right_given_true_text": sum(a == y for a, y in zip(given, truth)) / n,
+            "moved_follows_text": sum(a == m for a, m in zip(moved, moved_to)) / n,
+            "moved_keeps_image": sum(a == y for a, y in zip(moved, truth)) / n}
 
 
 def cell_probe(states: torch.Tensor, labels: torch.Tensor, seed: int = 0, steps: int = 300) -> list[float]:
@@ -148,4 +190,9 @@ def summary_lines(report: dict) -> list[str]:
     if cells:
         lines.append("                      a code's cell read from its residual, input -> top: "
                      + " ".join(f"{c:.0%}" for c in cells))
+    d = report.get("description") or {}
+    if d:
+        lines.append(f"                      \"Where\" after the true description {d['right_given_true_text']:.0%}; its "
+                     f"cell moved in the text: answers follow {d['moved_follows_text']:.0%} (chance 12%), keep the "
+                     f"image's {d['moved_keeps_image']:.0%}")
     return lines

@@ -151,3 +151,35 @@ def test_binding_probe_finds_the_asked_object_and_reads_cells_back_from_the_resi
     for v in asked.values():
         assert all(0 <= x <= 1 for x in v["per_block"]) and (v["area_share"] is None or 0 < v["area_share"] < 1)
     assert dec.lm.config._attn_implementation == "sdpa"  # restored after the probe
+
+
+def test_description_probe_moves_the_asked_objects_cell_in_the_text(monkeypatch):
+    """For a describe-first model the probe asks "Where" after the true description and after one with the asked
+    object's cell moved: a reader that answers from the text scores 1 / 1 / 0, one that ignores it follows the
+    moved text only by chance."""
+    import re
+
+    import fusion.probes
+    from data.shapes import WorldConfig, make_sample
+    from fusion.probes import description_probe
+    from tests.fusion.helpers import random_codes
+
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    samples = [{"image": random_codes(vocab, i), "meta": make_sample(WorldConfig(), "test", i)["meta"]} for i in range(30)]
+    bundle = Bundle(None, vocab, None, meta={"reading": {"describe_first": True}})
+
+    def text_reader(bundle, prompts, max_new_tokens, batch_size=32):  # the cell named after the asked object
+        out = []
+        for ids, _ in prompts:
+            text = vocab.decode_text(ids)
+            name = re.search(r"Where is the ([a-z ]+)\?", text).group(1)
+            hits = re.findall(r"(\w+ )?" + name + r" ((?:top|middle|bottom) \w+|centre)", text)
+            out.append(hits[0][1])
+        return out
+
+    monkeypatch.setattr(fusion.probes, "greedy_lines", text_reader)
+    r = description_probe(bundle, samples)
+    assert r["questions"] > 5
+    assert r["right_given_true_text"] == 1.0 and r["moved_follows_text"] == 1.0 and r["moved_keeps_image"] == 0.0
+    monkeypatch.setattr(fusion.probes, "greedy_lines", lambda b, prompts, *a, **k: ["top left"] * len(prompts))
+    assert description_probe(bundle, samples)["moved_follows_text"] < 0.5
