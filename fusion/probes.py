@@ -65,8 +65,11 @@ def _forward(dec, ids: list[int]):
 @torch.no_grad()
 def binding_probe(bundle: Bundle, samples: list[dict], min_objects: int = 2, max_objects: int = 3,
                   seed: int = 0) -> dict:
-    """Both probes on `samples` (eval_samples: codes + meta with the scene and its questions)."""
+    """The probes on `samples` (eval_samples: codes + meta with the scene and its questions)."""
     dec, grid = bundle.decoder.eval(), bundle.vocab.layout.grid
+    # a describe-first model is asked after the description it wrote (the answer's attention is still measured on
+    # the image's codes)
+    written = describe_images(bundle, [s["image"] for s in samples]) if bundle.describe_first else [None] * len(samples)
     configs = [m.config for m in dec.lm.modules() if hasattr(m, "config")]
     before = [c._attn_implementation for c in configs]
     for c in configs:  # attention weights need the eager kernel
@@ -74,9 +77,6 @@ def binding_probe(bundle: Bundle, samples: list[dict], min_objects: int = 2, max
     shares = {k: [] for k in KINDS}
     area = {k: [] for k in KINDS}
     states, labels = [], []
-    # a describe-first model is asked after the description it wrote (the answer's attention is still measured on
-    # the image's codes)
-    written = describe_images(bundle, [s["image"] for s in samples]) if bundle.describe_first else [None] * len(samples)
     try:
         for s, description in zip(samples, written):
             scene = Scene.from_json(s["meta"]["scene"])

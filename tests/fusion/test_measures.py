@@ -151,6 +151,9 @@ def test_binding_probe_finds_the_asked_object_and_reads_cells_back_from_the_resi
     for v in asked.values():
         assert all(0 <= x <= 1 for x in v["per_block"]) and (v["area_share"] is None or 0 < v["area_share"] < 1)
     assert dec.lm.config._attn_implementation == "sdpa"  # restored after the probe
+    # a describe-first model: asked after its own description, and the description probe is added
+    described = binding_probe(Bundle(dec, vocab, None, meta={"reading": {"describe_first": True}}), samples[:12])
+    assert described["codes"] > 0 and 0 <= described["description"]["moved_follows_text"] <= 1
 
 
 def test_description_probe_moves_the_asked_objects_cell_in_the_text(monkeypatch):
