@@ -142,10 +142,10 @@ def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dic
     described, description = None, None
     if bundle.describe_first:  # each image described once: its questions are asked after what the model wrote
         asked = {id(im) for im, _ in items}
-        samples = [s for s in samples if id(s["image"]) in asked]
-        written = describe_images(bundle, [s["image"] for s in samples])
-        described = {id(s["image"]): w for s, w in zip(samples, written)}
-        scenes = [(Scene.from_json(s["meta"]["scene"]), w) for s, w in zip(samples, written) if s["meta"].get("scene")]
+        shown = [s for s in samples if id(s["image"]) in asked]
+        written = describe_images(bundle, [s["image"] for s in shown])
+        described = {id(s["image"]): w for s, w in zip(shown, written)}
+        scenes = [(Scene.from_json(s["meta"]["scene"]), w) for s, w in zip(shown, written) if s["meta"].get("scene")]
         description = description_accuracy([w for _, w in scenes], [sc for sc, _ in scenes]) if scenes else None
     answers = answer_questions(bundle, items, described=described)
     elapsed = time.perf_counter() - t
