@@ -8,6 +8,8 @@ per-modality losses are ours. The decoder takes `input_ids` (early fusion) or `i
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -45,6 +47,12 @@ class DecoderConfig:
     # object 30 % of the time (README, study screen 8). The same two tables, no new parameters. Measured (one
     # seed): the cell after block 3 at 57 % instead of 49 %, position 46 % instead of 42, colour 56 instead of 78.
     image_pos_every_layer: bool = False
+    # ... and in every block's attention values: a learned row and column vector per block (zero at the start),
+    # added to each image code's value (Shaw et al.'s positions in the values, absolute here), so a head that
+    # finds an object returns its cell with it. The long recipe's heads find the square named in "What colour is
+    # the square?" (0.97 of their object attention) but not in "Where is the square?" (0.47, area 0.42): finding
+    # only pays if what comes back carries the cell (README, study screen 9).
+    image_pos_values: bool = False
     # What an image code brings besides its own learned row. Each feature listed is a fixed vector per code,
     # and a learned projection of it is added to the code's input embedding (and, with `code_head`, to its
     # row of the output head), so codes that share a level or look alike share parameters from the first step:
@@ -67,6 +75,8 @@ class DecoderConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.image_pos_embed and not self.image_layout:
             raise ValueError("image_pos_embed needs image_layout (the vocabulary's boi id, code range and grid)")
+        if self.image_pos_values and not self.image_pos_embed:
+            raise ValueError("image_pos_values needs image_pos_embed (the image layout and its 2-D cells)")
         if self.image_pos_every_layer and not self.image_pos_embed:
             raise ValueError("image_pos_every_layer needs image_pos_embed (the 2-D tables it adds again)")
         self.code_features = list(self.code_features)
@@ -220,6 +230,16 @@ class Decoder(nn.Module):
             parametrize.register_parametrization(self.embed_tokens, "weight", CodeRows(cfg, feats))
             if cfg.code_head:
                 parametrize.register_parametrization(self.lm.lm_head, "weight", CodeRows(cfg, feats))
+        if cfg.image_pos_values:  # per block: row and column tables added to image codes' attention values
+            grid, blocks = cfg.image_layout["grid"], self.lm.model.layers
+            width = blocks[0].self_attn.v_proj.out_features
+            self.value_rows = nn.ModuleList(nn.Embedding(grid + 1, width, padding_idx=0) for _ in blocks)
+            self.value_cols = nn.ModuleList(nn.Embedding(grid + 1, width, padding_idx=0) for _ in blocks)
+            for e in (*self.value_rows, *self.value_cols):
+                nn.init.zeros_(e.weight)
+            for i, block in enumerate(blocks):  # fed by the keyword `layer_cells` (Decoder.layer_cells)
+                block.register_forward_pre_hook(functools.partial(_stash_value_pos, self, i), with_kwargs=True)
+                block.self_attn.v_proj.register_forward_hook(_add_value_pos)
         if cfg.image_pos_every_layer:  # blocks 1.. add the positions they are handed (keyword `layer_pos`)
             for i, block in enumerate(self.lm.model.layers):
                 block.register_forward_pre_hook(_add_layer_pos if i else _drop_layer_pos, with_kwargs=True)
@@ -264,13 +284,30 @@ class Decoder(nn.Module):
             return None
         return self.image_pos(self.grid_cells(input_ids) if cells is None else cells)
 
+    def layer_cells(self, input_ids: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The chunk's grid cells [B, T, 2] when `image_pos_values` is on (else None): each block turns them into
+        its value positions (`value_pos`). Every forward over token ids passes them on, as `layer_pos`."""
+        if not self.cfg.image_pos_values:
+            return None
+        return self.grid_cells(input_ids) if cells is None else cells
+
+    def value_pos(self, block: int, cells: torch.Tensor) -> torch.Tensor:
+        """[..., T, kv_heads x head_dim]: what block `block` adds to the attention values of these cells."""
+        return self.value_rows[block](cells[..., 0]) + self.value_cols[block](cells[..., 1])
+
+    def block_kwargs(self, layer_pos=None, layer_cells=None) -> dict:
+        """The keywords transformers hands on to every block (see layer_pos, layer_cells)."""
+        return {k: v for k, v in (("layer_pos", layer_pos), ("layer_cells", layer_cells)) if v is not None}
+
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, past_key_values=None,
-                use_cache: bool = False, logits_to_keep: int = 0, read_span=None, layer_pos=None):
+                use_cache: bool = False, logits_to_keep: int = 0, read_span=None, layer_pos=None, layer_cells=None):
         """`read_span` [B, T] (fusion.sequences.pack): the read image spans, attended bidirectionally when
         `read_attention` says so; otherwise transformers' causal mask over the packed documents. `layer_pos`:
         see `layer_pos` (computed from input_ids when they are given)."""
         if input_ids is not None and layer_pos is None:
             layer_pos = self.layer_pos(input_ids)
+        if input_ids is not None and layer_cells is None:
+            layer_cells = self.layer_cells(input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         inputs_embeds = self.embed_dropout(inputs_embeds)
@@ -279,9 +316,22 @@ class Decoder(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
             mask = attention_mask(position_ids.expand(inputs_embeds.shape[0], -1), read_span)
-        extra = {} if layer_pos is None else {"layer_pos": layer_pos}
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                       past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **extra)
+                       past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                       **self.block_kwargs(layer_pos, layer_cells))
+
+
+def _stash_value_pos(decoder: Decoder, i: int, block: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of block i (`image_pos_values`): its value positions, from the keyword `layer_cells`,
+    left on its v_proj for `_add_value_pos`."""
+    cells = kwargs.pop("layer_cells", None)
+    block.self_attn.v_proj.value_pos = None if cells is None else decoder.value_pos(i, cells)
+    return args, kwargs
+
+
+def _add_value_pos(v_proj: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    pos = getattr(v_proj, "value_pos", None)
+    return out if pos is None else out + pos.to(out.dtype)
 
 
 def _drop_layer_pos(block: nn.Module, args: tuple, kwargs: dict):

@@ -56,6 +56,9 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
                         "features come from a vision tower a causal LM folder cannot hold)")
     if not dec.cfg.qk_norm:
         raise UserError("export writes the QK-norm (Qwen3) decoder; this one was trained with decoder.qk_norm=false")
+    if dec.cfg.image_pos_values:
+        raise UserError("export writes 2-D positions at the input only; this decoder adds them to every block's "
+                        "attention values (decoder.image_pos_values=true)")
     if dec.cfg.image_pos_every_layer:
         raise UserError("export writes 2-D positions at the input only; this decoder adds them before every block "
                         "(decoder.image_pos_every_layer=true)")

@@ -83,18 +83,20 @@ class Generator:
         # the prompt's input embeddings (the adapter's carry image features at the placeholders)
         embeds = self._prefix_embeds(ids, images) if images else self.decoder.embed(ids)
         layer_pos = self.decoder.layer_pos(ids)  # decoder.image_pos_every_layer (None when off)
+        layer_cells = self.decoder.layer_cells(ids)  # decoder.image_pos_values (None when off)
         step_attn = attn
         # a prompt's complete images are read: attended bidirectionally when the decoder was trained so
         spans = (read_spans(ids, self.vocab.boi, self.vocab.eoi)
                  if self.decoder.cfg.read_attention == "bidirectional" else None)
         if sc.use_cache and kvcache.supported(self.decoder.lm):  # the lean path (fusion/kvcache.py)
-            runner = kvcache.StaticKVCache(self.decoder.lm, len(streams), ids.shape[1] + sc.max_new_tokens)
+            runner = kvcache.StaticKVCache(self.decoder.lm, len(streams), ids.shape[1] + sc.max_new_tokens,
+                                           self.decoder.value_pos if self.decoder.cfg.image_pos_values else None)
         else:  # transformers' forward, with its DynamicCache or recomputing everything (the reference)
             runner = TransformersRunner(self.decoder, sc.use_cache)
         for step in range(sc.max_new_tokens):
             if all(st == DONE for st in state):
                 break
-            logits = runner.forward(step_attn, embeds, spans if step == 0 else None, layer_pos)
+            logits = runner.forward(step_attn, embeds, spans if step == 0 else None, layer_pos, layer_cells)
             logits = logits.float().cpu()
             cond = logits[:B]
             rows = torch.tensor(state)
@@ -125,6 +127,7 @@ class Generator:
             if guided:
                 step_ids, cells = torch.cat([step_ids, step_ids]), torch.cat([cells, cells])
             embeds, layer_pos = self.decoder.embed(step_ids, cells), self.decoder.layer_pos(step_ids, cells)
+            layer_cells = self.decoder.layer_cells(step_ids, cells)
             step_attn = torch.ones_like(step_ids)
         return out
 
@@ -166,10 +169,10 @@ class TransformersRunner:
 
     def __init__(self, decoder, use_cache: bool):
         self.lm, self.cache = decoder.lm, DynamicCache() if use_cache else None
-        self.embeds = self.attn = self.spans = self.layer_pos = None
+        self.embeds = self.attn = self.spans = self.layer_pos = self.layer_cells = None
 
     def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor, spans: torch.Tensor | None = None,
-                layer_pos: torch.Tensor | None = None) -> torch.Tensor:
+                layer_pos: torch.Tensor | None = None, layer_cells: torch.Tensor | None = None) -> torch.Tensor:
         """Append a chunk (attn [B, T], its input embeddings [B, T, h]; `spans` [B, T]: read image spans of
         the first chunk, see fusion.decoder.read_spans; `layer_pos` [B, T, h]: Decoder.layer_pos, or None);
         the last column's logits [B, V]."""
@@ -183,13 +186,16 @@ class TransformersRunner:
         if self.spans is not None and (spans is not None or self.cache is None):
             mask = attention_mask(pos, self.spans, valid=self.attn)
         if self.cache is not None:
-            extra = {} if layer_pos is None else {"layer_pos": layer_pos}
+            extra = {k: v for k, v in (("layer_pos", layer_pos), ("layer_cells", layer_cells)) if v is not None}
             return self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos[:, -attn.shape[1]:],
                            past_key_values=self.cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
         self.embeds = inputs_embeds if self.embeds is None else torch.cat([self.embeds, inputs_embeds], dim=1)
         if layer_pos is not None:
             self.layer_pos = layer_pos if self.layer_pos is None else torch.cat([self.layer_pos, layer_pos], dim=1)
-        extra = {} if self.layer_pos is None else {"layer_pos": self.layer_pos}
+        if layer_cells is not None:
+            self.layer_cells = (layer_cells if self.layer_cells is None
+                                else torch.cat([self.layer_cells, layer_cells], dim=1))
+        extra = {k: v for k, v in (("layer_pos", self.layer_pos), ("layer_cells", self.layer_cells)) if v is not None}
         return self.lm(inputs_embeds=self.embeds, attention_mask=mask, position_ids=pos, use_cache=False,
                        logits_to_keep=1, **extra).logits[:, -1]
 

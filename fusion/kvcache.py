@@ -38,8 +38,10 @@ class StaticKVCache:
     tokens, so a left-padded row sees exactly what it would see alone.
     """
 
-    def __init__(self, lm, batch: int, max_len: int):
+    def __init__(self, lm, batch: int, max_len: int, value_pos=None):
+        """`value_pos(block, cells)`: what each block adds to image codes' values (Decoder.value_pos), or None."""
         m, cfg = lm.model, lm.config
+        self.value_pos = value_pos
         p = next(lm.parameters())
         self.lm, self.max_len = lm, max_len
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -74,11 +76,12 @@ class StaticKVCache:
 
     @torch.inference_mode()
     def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor, spans: torch.Tensor | None = None,
-                layer_pos: torch.Tensor | None = None) -> torch.Tensor:
+                layer_pos: torch.Tensor | None = None, layer_cells: torch.Tensor | None = None) -> torch.Tensor:
         """Append a chunk (attn [B, T]: 1 = real token, 0 = left padding; its input embeddings [B, T, h];
         `spans` [B, T]: the chunk's read image spans, attended bidirectionally, fusion.decoder.read_spans;
-        `layer_pos` [B, T, h]: added before every block but the first, Decoder.layer_pos); return the last
-        column's logits [B, V]."""
+        `layer_pos` [B, T, h]: added before every block but the first, Decoder.layer_pos; `layer_cells` [B, T, 2]:
+        the cells whose value positions each block adds, Decoder.layer_cells); return the last column's logits
+        [B, V]."""
         x = inputs_embeds
         B, T, _ = x.shape
         t0, t1 = self.len, self.len + T
@@ -108,6 +111,8 @@ class StaticKVCache:
                 x = x + layer_pos.to(x.dtype)
             qkv = F.linear(F.rms_norm(x, *b["ln1"]), b["qkv"], b["qkv_bias"]).view(B, T, H + 2 * KV, D)
             qk, v = qkv[:, :, :H + KV], qkv[:, :, H + KV:]
+            if layer_cells is not None and self.value_pos is not None:
+                v = v + self.value_pos(i, layer_cells).to(v.dtype).view(B, T, KV, D)
             if b["qk_norm"] is not None:
                 weight, eps = b["qk_norm"]
                 qk = F.rms_norm(qk, (D,), None, eps) * weight

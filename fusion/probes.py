@@ -58,7 +58,7 @@ def code_mask(scene: Scene, obj, cells: np.ndarray, grid: int) -> np.ndarray:
 
 def _forward(dec, ids: list[int]):
     t = torch.tensor([ids], device=dec.embed_tokens.weight.device)
-    extra = {} if (lp := dec.layer_pos(t)) is None else {"layer_pos": lp}
+    extra = dec.block_kwargs(dec.layer_pos(t), dec.layer_cells(t))
     return dec.lm(inputs_embeds=dec.embed(t), output_attentions=True, output_hidden_states=True, **extra), t
 
 

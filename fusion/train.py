@@ -143,7 +143,7 @@ def build_module(cfg: DictConfig, vocab: MultimodalVocab, run_dir: Path, tok_con
         if "pixels" in decoder.get("code_features", []):
             decoder["code_pixel_dim"] = 3 * TokenizerConfig.from_dict(tok_config).downsample ** 2  # one patch, RGB
     else:  # the adapter's sequences hold no codes: nothing to place
-        decoder.update(image_pos_embed=False, image_pos_every_layer=False, image_layout=None, code_features=[], code_levels=None,
+        decoder.update(image_pos_embed=False, image_pos_every_layer=False, image_pos_values=False, image_layout=None, code_features=[], code_levels=None,
                        code_pixel_dim=None, code_head=False)
     common = dict(decoder=decoder, vocab_size=vocab.size,
                   vocab_fingerprint=vocab.fingerprint(), optim=optim_config(cfg.train),

@@ -176,13 +176,14 @@ def test_transformers_dynamic_cache_fallback_matches_full_recompute(setup, monke
     assert with_cache == without
 
 
-@pytest.mark.parametrize("every_layer", [False, True], ids=["input_only", "every_layer"])
+@pytest.mark.parametrize("positions", ["input", "every_layer", "values"])
 @pytest.mark.parametrize("runner", ["lean_cache", "no_cache", "dynamic_cache"])
-def test_sampler_places_codes_where_the_full_forward_does(runner, every_layer, monkeypatch):
+def test_sampler_places_codes_where_the_full_forward_does(runner, positions, monkeypatch):
     """With 2-D position embeddings the sampler tells the model each new code's grid cell; the cells must
     be the ones Decoder.grid_cells reads off the finished sequence: greedy sampling then equals the
     argmax of one full forward over the result, code by code. The same when the positions are added again
-    before every block (decoder.image_pos_every_layer), through each of the sampler's three forwards."""
+    before every block (decoder.image_pos_every_layer) or to every block's attention values
+    (decoder.image_pos_values), through each of the sampler's three forwards."""
     import fusion.kvcache
 
     if runner == "dynamic_cache":
@@ -191,8 +192,12 @@ def test_sampler_places_codes_where_the_full_forward_does(runner, every_layer, m
     torch.manual_seed(2)
     vocab = tiny_vocab(grid=4, num_codes=32)
     dec = tiny_decoder(vocab, init_std=0.5, image_pos_embed=True, image_layout=vocab.image_layout(),
-                       image_pos_every_layer=every_layer)
+                       image_pos_every_layer=positions == "every_layer", image_pos_values=positions == "values")
     dec.image_rows.weight.data *= 20  # make the grid cell decide: a wrong cell would change the argmax
+    if positions == "values":  # (they start at zero) large enough that a wrong cell changes the argmax
+        for e in (*dec.value_rows, *dec.value_cols):
+            torch.nn.init.normal_(e.weight, std=3.0)
+            e.weight.data[0].zero_()
     prompt = [vocab.bos, *vocab.encode_text("A picture of a red circle."), vocab.boi]
     out = Generator(dec, vocab).generate([prompt], SamplingConfig(temperature=0, max_new_tokens=vocab.layout.span_len,
                                                                   use_cache=use_cache))[0]
@@ -219,3 +224,25 @@ def test_positions_before_every_block_change_the_function_and_only_the_codes():
     assert (a[len(text) + 2:] - b[len(text) + 2:]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="image_pos_every_layer needs image_pos_embed"):
         tiny_decoder(vocab, image_pos_every_layer=True)
+
+
+def test_positions_in_the_values_start_as_the_plain_function_and_change_only_the_codes():
+    """image_pos_values adds per-block row / column tables to image codes' attention values: zero at the start
+    (the same function as without), and once learned they change the logits after an image's codes only."""
+    torch.manual_seed(4)
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    kw = dict(init_std=0.3, image_pos_embed=True, image_layout=vocab.image_layout())
+    plain, values = tiny_decoder(vocab, **kw), tiny_decoder(vocab, **kw, image_pos_values=True)
+    values.load_state_dict(plain.state_dict(), strict=False)
+    text = [vocab.bos, *vocab.encode_text("A red circle.")]
+    ids = torch.tensor([text + vocab.encode_image(torch.arange(16).reshape(4, 4).numpy())])
+    pos = torch.arange(ids.shape[1])[None]
+    torch.testing.assert_close(plain(input_ids=ids, position_ids=pos).logits, values(input_ids=ids, position_ids=pos).logits)
+    for e in (*values.value_rows, *values.value_cols):
+        torch.nn.init.normal_(e.weight, std=1.0)
+        e.weight.data[0].zero_()
+    a, b = (d(input_ids=ids, position_ids=pos).logits[0] for d in (plain, values))
+    torch.testing.assert_close(a[:len(text) + 1], b[:len(text) + 1])  # up to <boi>: no code seen yet
+    assert (a[len(text) + 2:] - b[len(text) + 2:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="image_pos_values needs image_pos_embed"):
+        tiny_decoder(vocab, image_pos_values=True)
