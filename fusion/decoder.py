@@ -9,7 +9,6 @@ per-modality losses are ours. The decoder takes `input_ids` (early fusion) or `i
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -330,7 +329,9 @@ def _stash_value_pos(decoder: Decoder, i: int, block: nn.Module, args: tuple, kw
 
 
 def _add_value_pos(v_proj: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    pos = getattr(v_proj, "value_pos", None)
+    """Forward hook of a block's v_proj: its output plus the value positions left by `_stash_value_pos`, which
+    are dropped once used (no tensor of this forward outlives it)."""
+    pos, v_proj.value_pos = getattr(v_proj, "value_pos", None), None
     return out if pos is None else out + pos.to(out.dtype)
 
 

@@ -168,14 +168,14 @@ class TransformersRunner:
     at every step: the reference the lean cache is tested against, and the path for other architectures."""
 
     def __init__(self, decoder, use_cache: bool):
-        self.lm, self.cache = decoder.lm, DynamicCache() if use_cache else None
+        self.decoder, self.lm, self.cache = decoder, decoder.lm, DynamicCache() if use_cache else None
         self.embeds = self.attn = self.spans = self.layer_pos = self.layer_cells = None
 
     def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor, spans: torch.Tensor | None = None,
                 layer_pos: torch.Tensor | None = None, layer_cells: torch.Tensor | None = None) -> torch.Tensor:
         """Append a chunk (attn [B, T], its input embeddings [B, T, h]; `spans` [B, T]: read image spans of
-        the first chunk, see fusion.decoder.read_spans; `layer_pos` [B, T, h]: Decoder.layer_pos, or None);
-        the last column's logits [B, V]."""
+        the first chunk, see fusion.decoder.read_spans; `layer_pos` [B, T, h] and `layer_cells` [B, T, 2]:
+        Decoder.layer_pos and Decoder.layer_cells, or None); the last column's logits [B, V]."""
         self.attn = attn if self.attn is None else torch.cat([self.attn, attn], dim=1)
         if spans is not None:
             self.spans = spans
@@ -186,18 +186,17 @@ class TransformersRunner:
         if self.spans is not None and (spans is not None or self.cache is None):
             mask = attention_mask(pos, self.spans, valid=self.attn)
         if self.cache is not None:
-            extra = {k: v for k, v in (("layer_pos", layer_pos), ("layer_cells", layer_cells)) if v is not None}
             return self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos[:, -attn.shape[1]:],
-                           past_key_values=self.cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
+                           past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                           **self.decoder.block_kwargs(layer_pos, layer_cells)).logits[:, -1]
         self.embeds = inputs_embeds if self.embeds is None else torch.cat([self.embeds, inputs_embeds], dim=1)
         if layer_pos is not None:
             self.layer_pos = layer_pos if self.layer_pos is None else torch.cat([self.layer_pos, layer_pos], dim=1)
         if layer_cells is not None:
             self.layer_cells = (layer_cells if self.layer_cells is None
                                 else torch.cat([self.layer_cells, layer_cells], dim=1))
-        extra = {k: v for k, v in (("layer_pos", self.layer_pos), ("layer_cells", self.layer_cells)) if v is not None}
         return self.lm(inputs_embeds=self.embeds, attention_mask=mask, position_ids=pos, use_cache=False,
-                       logits_to_keep=1, **extra).logits[:, -1]
+                       logits_to_keep=1, **self.decoder.block_kwargs(self.layer_pos, self.layer_cells)).logits[:, -1]
 
 
 def _warpers(sc: SamplingConfig) -> LogitsProcessorList:
