@@ -52,6 +52,11 @@ class Bundle:
         return bool((self.meta.get("reading") or {}).get("describe_first"))
 
     @property
+    def restate_referent(self) -> bool:
+        """Whether the model was trained to name a question's object again after "A:" (TaskMix.restate_referent)."""
+        return bool((self.meta.get("reading") or {}).get("restate_referent"))
+
+    @property
     def placeholders(self) -> int:
         return self.image_encoder.tokens_per_image if self.image_encoder is not None else 0
 

@@ -52,6 +52,10 @@ class DecoderConfig:
     # the square?" (0.97 of their object attention) but not in "Where is the square?" (0.47, area 0.42): finding
     # only pays if what comes back carries the cell (README, study screen 9).
     image_pos_values: bool = False
+    # The tables' start: 0 keeps the function of a model without them at step 0 (but a head that does not yet
+    # find gets no cell back, and a readout that does not yet read gives no reason to find); > 0 starts them
+    # at this standard deviation, so every head returns a cell from the first step (study screen 10).
+    image_pos_values_std: float = 0.0
     # What an image code brings besides its own learned row. Each feature listed is a fixed vector per code,
     # and a learned projection of it is added to the code's input embedding (and, with `code_head`, to its
     # row of the output head), so codes that share a level or look alike share parameters from the first step:
@@ -235,7 +239,9 @@ class Decoder(nn.Module):
             self.value_rows = nn.ModuleList(nn.Embedding(grid + 1, width, padding_idx=0) for _ in blocks)
             self.value_cols = nn.ModuleList(nn.Embedding(grid + 1, width, padding_idx=0) for _ in blocks)
             for e in (*self.value_rows, *self.value_cols):
-                nn.init.zeros_(e.weight)
+                nn.init.normal_(e.weight, std=cfg.image_pos_values_std) if cfg.image_pos_values_std else nn.init.zeros_(e.weight)
+                with torch.no_grad():
+                    e.weight[0].zero_()  # index 0: not an image code
             for i, block in enumerate(blocks):  # fed by the keyword `layer_cells` (Decoder.layer_cells)
                 block.register_forward_pre_hook(functools.partial(_stash_value_pos, self, i), with_kwargs=True)
                 block.self_attn.v_proj.register_forward_hook(_add_value_pos)

@@ -15,6 +15,7 @@ Every sample (an image as codes or pixels + caption + the shapes world's QA, whe
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,18 @@ from fusion.sequences import Segment
 TASKS = ("t2i", "caption", "vqa", "interleave", "text", "scene_qa")
 
 
-def qa_prompt(question: str) -> str:
+# the object a question is about, as the question names it: "What colour is the square?" -> "the square"
+REFERENT = re.compile(r"^(?:What colour is|What shape is|Where is) (the [a-z ]+)\?$")
+
+
+def qa_prompt(question: str, restate: bool = False) -> str:
+    """"Q: <question> A:"; with `restate` (TaskMix.restate_referent) a question about one object goes on with its
+    name, "Q: Where is the red square? A: the red square is", so every such question ends on the same words
+    whatever it asks (colour, shape or place) and the answer follows the object's name."""
+    if restate:
+        m = REFERENT.match(question)
+        if m:
+            return f"Q: {question} A: {m.group(1)} is"
     return f"Q: {question} A:"
 
 
@@ -37,10 +49,11 @@ def description_segments(description: str, loss: bool) -> list[Segment]:
 
 
 def reading_segments(image_segment: Segment, question: str, question_first: bool = False,
-                     description: str | None = None) -> list[Segment]:
+                     description: str | None = None, restate: bool = False) -> list[Segment]:
     """An image and a question, in the order a model reads them (its training's `question_first`; with the
-    description it wrote of the image first when it was trained to describe first)."""
-    q = Segment.txt(qa_prompt(question), loss=False)
+    description it wrote of the image first when it was trained to describe first; the question's object named
+    again after "A:" when it was trained to restate it)."""
+    q = Segment.txt(qa_prompt(question, restate), loss=False)
     if question_first:
         return [q, image_segment]
     described = description_segments(description, loss=False) if description is not None else []
@@ -80,6 +93,9 @@ class TaskMix:
     # square; top centre: empty; ..." with loss, data.shapes.grid_description); the evaluation lets the model
     # write its description first, then asks each question after it
     describe_first: bool = False
+    # questions about one object name it again after "A:" ("A: the red square is top left"): see qa_prompt;
+    # the evaluation asks the same way
+    restate_referent: bool = False
 
     def __post_init__(self):
         unknown = set(self.weights) - set(TASKS)
@@ -132,11 +148,11 @@ class TaskMix:
         return rng.choices(tasks, weights=[self.weights[t] for t in tasks])[0]
 
 
-def qa_segments(qa: list[dict], rng: random.Random, max_qa: int) -> list[Segment]:
+def qa_segments(qa: list[dict], rng: random.Random, max_qa: int, restate: bool = False) -> list[Segment]:
     qa = rng.sample(qa, min(len(qa), max_qa))
     out: list[Segment] = []
     for item in qa:
-        out += [Segment.txt(qa_prompt(item["q"]), loss=False), Segment.txt(qa_answer(item["a"]), loss=True)]
+        out += [Segment.txt(qa_prompt(item["q"], restate), loss=False), Segment.txt(qa_answer(item["a"]), loss=True)]
     return out
 
 
@@ -149,7 +165,7 @@ def make_document(task: str, image, caption: str, qa: list[dict], rng: random.Ra
         return [Segment.img(image, loss=mix.read_image_loss), Segment.txt(mix.reading_caption(caption, meta or {}),
                                                                           loss=True)]
     if task == "vqa":
-        qas = qa_segments(mix.questions(qa, meta or {}), rng, mix.max_qa)
+        qas = qa_segments(mix.questions(qa, meta or {}), rng, mix.max_qa, mix.restate_referent)
         if mix.question_first and qas:
             return [qas[0], Segment.img(image, loss=mix.read_image_loss), *qas[1:]]
         described = []
@@ -159,12 +175,13 @@ def make_document(task: str, image, caption: str, qa: list[dict], rng: random.Ra
             described = description_segments(grid_description(Scene.from_json(meta["scene"])), loss=True)
         return [Segment.img(image, loss=mix.read_image_loss), *described, *qas]
     if task == "interleave":
-        return [Segment.txt(caption, loss=False), Segment.img(image, loss=True), *qa_segments(qa, rng, 3)]
+        return [Segment.txt(caption, loss=False), Segment.img(image, loss=True), *qa_segments(qa, rng, 3, mix.restate_referent)]
     if task == "text":
         return [Segment.txt(caption, loss=True)]
     if task == "scene_qa":
         from data.shapes import Scene, grid_description
 
         description = grid_description(Scene.from_json((meta or {})["scene"]))
-        return [*description_segments(description, loss=False), *qa_segments(mix.questions(qa, meta or {}), rng, mix.max_qa)]
+        return [*description_segments(description, loss=False), *qa_segments(mix.questions(qa, meta or {}), rng, mix.max_qa,
+                                                                             mix.restate_referent)]
     raise ValueError(f"unknown task {task!r}")

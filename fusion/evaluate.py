@@ -55,7 +55,8 @@ def eval_samples(bundle: Bundle, codes_pattern: str, images_pattern: str | None,
 
 def reading_prompt(bundle: Bundle, image, question: str, description: str | None = None) -> tuple[list[int], list]:
     """The prompt whose continuation is the answer (`description`: what a describe-first model wrote first)."""
-    segs = reading_segments(Segment.img(image, loss=False), question, bundle.question_first, description)
+    segs = reading_segments(Segment.img(image, loss=False), question, bundle.question_first, description,
+                            bundle.restate_referent)
     doc = tokenize(bundle.vocab, segs, add_eos=False, placeholders=bundle.placeholders)
     return doc.ids, doc.images
 

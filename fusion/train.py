@@ -30,7 +30,7 @@ from data.shapes import Scene, grid_description, world_of
 from fusion.checkpoint import save_bundle
 from fusion.curves import CurveConfig, LearningCurves
 from fusion.data import iter_code_samples, sequence_stages
-from fusion.documents import TaskMix
+from fusion.documents import TaskMix, qa_prompt
 from fusion.generate import Generator, SamplingConfig
 from fusion.lit import AdapterModule, FusionModule
 from fusion.vocab import ImageLayout, MultimodalVocab, load_text_tokenizer, train_text_tokenizer
@@ -72,7 +72,7 @@ def build_vocab(cfg: DictConfig, codes: Path, tok_meta: dict) -> MultimodalVocab
                     return
                 yield s["caption"]
                 for qa in s["meta"].get("qa") or []:
-                    yield f"Q: {qa['q']} A: {qa['a']}"
+                    yield f"{qa_prompt(qa['q'], bool(cfg.get('restate_referent')))} {qa['a']}"
                 if cfg.get("describe_first") and s["meta"].get("scene"):  # the text it will write, tokenized as such
                     yield grid_description(Scene.from_json(s["meta"]["scene"]))
         text_tok = train_text_tokenizer(texts(), vocab_size=cfg.text.vocab_size)
@@ -208,15 +208,16 @@ def train(cfg: DictConfig) -> dict:
                   curriculum_max_objects=int(curriculum.get("max_objects", 1)),
                   curriculum_step_documents=int(curriculum.get("step_documents", 0)),
                   question_first=bool(cfg.get("question_first")), extra_qa=tuple(cfg.get("extra_qa") or ()),
-                  describe_first=bool(cfg.get("describe_first")))
+                  describe_first=bool(cfg.get("describe_first")), restate_referent=bool(cfg.get("restate_referent")))
     if cfg.arm == "fusion":
         sources, extra = (str(codes / "train"), str(codes / "val")), {}
     else:  # the adapter reads the image shards the codes were made from: same keys, same order
         sources = (cfg.data.train, cfg.data.val)
         extra = {"pixels": ImageTransform(cfg.tower.image_size), "placeholders": module.image_encoder.tokens_per_image}
     val_mix = dataclasses.replace(mix, curriculum_documents=0)
-    # how the model reads; saved with it (Bundle.question_first, Bundle.describe_first)
-    reading = {"question_first": mix.question_first, "describe_first": mix.describe_first}
+    # how the model reads; saved with it (Bundle.question_first, Bundle.describe_first, Bundle.restate_referent)
+    reading = {"question_first": mix.question_first, "describe_first": mix.describe_first,
+               "restate_referent": mix.restate_referent}
     val_data = in_order(sources[1], sequence_stages(vocab, cfg.seq_len, t.batch_size, val_mix, seed=1234,
                                                     shuffle_buffer=0, **extra))
     captions = [s["caption"] for _, s in zip(range(cfg.samples.count),

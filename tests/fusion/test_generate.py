@@ -246,3 +246,16 @@ def test_positions_in_the_values_start_as_the_plain_function_and_change_only_the
     assert (a[len(text) + 2:] - b[len(text) + 2:]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="image_pos_values needs image_pos_embed"):
         tiny_decoder(vocab, image_pos_values=True)
+
+
+def test_positions_in_the_values_can_start_random():
+    """image_pos_values_std > 0 starts the tables at that spread (row 0, "not an image code", stays zero), so
+    the codes' values carry their cell from the first step; 0 starts them at zero."""
+    torch.manual_seed(5)
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    kw = dict(image_pos_embed=True, image_layout=vocab.image_layout(), image_pos_values=True)
+    zero, rand = tiny_decoder(vocab, **kw), tiny_decoder(vocab, **kw, image_pos_values_std=0.5)
+    assert all(e.weight.abs().max() == 0 for e in (*zero.value_rows, *zero.value_cols))
+    for e in (*rand.value_rows, *rand.value_cols):
+        assert e.weight[0].abs().max() == 0
+        assert 0.3 < e.weight[1:].std().item() < 0.7

@@ -227,3 +227,31 @@ def test_describe_first_writes_every_cell_before_the_questions_and_the_evaluatio
     model = Bundle(tiny_decoder(vocab).eval(), vocab, None, meta={"reading": {"describe_first": True}})
     answers = answer_questions(model, [(codes, "Where is the square?"), (codes, "What colour is the circle?")])
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_restate_referent_names_the_object_again_and_the_evaluation_asks_the_same_way(vocab):
+    """restate_referent: a question about one object ends on its name ("A: the red square is"), the answer
+    follows; questions about no single object keep "A:"; the evaluation's prompt is the training document's
+    prefix; off, the prompt is the plain one."""
+    import random
+
+    from fusion.checkpoint import Bundle
+    from fusion.documents import TaskMix, make_document, qa_prompt
+    from fusion.evaluate import reading_prompt
+
+    assert qa_prompt("Where is the red square?", restate=True) == "Q: Where is the red square? A: the red square is"
+    assert qa_prompt("What colour is the square?", restate=True) == "Q: What colour is the square? A: the square is"
+    assert qa_prompt("What shape is the red object?", restate=True) == "Q: What shape is the red object? A: the red object is"
+    for q in ("How many objects are there?", "Is the square left of the circle?", "What is written in the image?"):
+        assert qa_prompt(q, restate=True) == qa_prompt(q) == f"Q: {q} A:"
+    qa = [{"type": "position", "q": "Where is the square?", "a": "top left"}]
+    codes = random_codes(vocab)
+    segs = make_document("vqa", codes, "", qa, random.Random(0), TaskMix(restate_referent=True), {})
+    assert [s.text for s in segs[1:]] == ["Q: Where is the square? A: the square is", " top left\n"]
+    assert [s.loss for s in segs] == [False, False, True]
+    bundle = Bundle(None, vocab, None, meta={"reading": {"restate_referent": True}})
+    assert bundle.restate_referent and not Bundle(None, vocab, None, meta={}).restate_referent
+    ids, _ = reading_prompt(bundle, codes, "Where is the square?")
+    assert tokenize(vocab, segs).ids[:len(ids)] == ids
+    plain, _ = reading_prompt(Bundle(None, vocab, None, meta={}), codes, "Where is the square?")
+    assert len(plain) < len(ids) and ids[:len(plain)] == plain
