@@ -239,9 +239,12 @@ class Decoder(nn.Module):
             self.value_rows = nn.ModuleList(nn.Embedding(grid + 1, width, padding_idx=0) for _ in blocks)
             self.value_cols = nn.ModuleList(nn.Embedding(grid + 1, width, padding_idx=0) for _ in blocks)
             for e in (*self.value_rows, *self.value_cols):
-                nn.init.normal_(e.weight, std=cfg.image_pos_values_std) if cfg.image_pos_values_std else nn.init.zeros_(e.weight)
-                with torch.no_grad():
-                    e.weight[0].zero_()  # index 0: not an image code
+                if cfg.image_pos_values_std:
+                    nn.init.normal_(e.weight, std=cfg.image_pos_values_std)
+                    with torch.no_grad():
+                        e.weight[0].zero_()  # index 0: not an image code
+                else:
+                    nn.init.zeros_(e.weight)
             for i, block in enumerate(blocks):  # fed by the keyword `layer_cells` (Decoder.layer_cells)
                 block.register_forward_pre_hook(functools.partial(_stash_value_pos, self, i), with_kwargs=True)
                 block.self_attn.v_proj.register_forward_hook(_add_value_pos)

@@ -175,7 +175,8 @@ def make_document(task: str, image, caption: str, qa: list[dict], rng: random.Ra
             described = description_segments(grid_description(Scene.from_json(meta["scene"])), loss=True)
         return [Segment.img(image, loss=mix.read_image_loss), *described, *qas]
     if task == "interleave":
-        return [Segment.txt(caption, loss=False), Segment.img(image, loss=True), *qa_segments(qa, rng, 3, mix.restate_referent)]
+        return [Segment.txt(caption, loss=False), Segment.img(image, loss=True),
+                *qa_segments(qa, rng, 3, mix.restate_referent)]
     if task == "text":
         return [Segment.txt(caption, loss=True)]
     if task == "scene_qa":
