@@ -24,9 +24,9 @@ import random
 import numpy as np
 import torch
 
-from data.shapes import Scene, grid_description, position_name
+from data.shapes import Scene, grid_description
 from fusion.checkpoint import Bundle
-from fusion.evaluate import describe_images, greedy_lines, reading_prompt
+from fusion.evaluate import CELLS, describe_images, greedy_lines, reading_prompt
 
 KINDS = {"find_by_shape": "What colour is the ", "find_by_colour": "What shape is the ", "where": "Where is the "}
 
@@ -129,7 +129,7 @@ def description_probe(bundle: Bundle, samples: list[dict], seed: int = 0) -> dic
     given the true text, and of the moved answers the share that follows the text (chance 1/8) or keeps the
     image's cell."""
     rng = random.Random(seed)
-    cells = [position_name(r, c) for r in range(3) for c in range(3)]
+    cells = list(CELLS)  # every cell's name, in reading order
     true_prompts, moved_prompts, truth, moved_to = [], [], [], []
     for s in samples:
         scene = Scene.from_json(s["meta"]["scene"])
