@@ -138,13 +138,32 @@ def in_order(pattern: str, stages: list) -> wds.DataPipeline:
                             lambda src: (b for b in src if STATS_ONLY not in b))
 
 
-def train_loader(pattern: str, make_stages: Callable[[str], list], num_workers: int, steps=None) -> "EpochLoader":
+@dataclass(frozen=True)
+class StreamClock:
+    """Where one (rank, worker) stream's batches fall in training: the DataLoader takes its workers'
+    batches in turn, so this stream's k-th batch of the epoch is global step first_step + k * workers + worker.
+    Deterministic (a resumed run replays the epoch from its start), so the data can follow a schedule in steps."""
+
+    epoch: int = 0
+    first_step: int = 0
+    worker: int = 0
+    workers: int = 1
+
+    def step(self, batches_done: int) -> int:
+        return self.first_step + batches_done * self.workers + self.worker
+
+
+def train_loader(pattern: str, make_stages: Callable[..., list], num_workers: int, steps=None,
+                 clocked: bool = False) -> "EpochLoader":
     """The training loader over `pattern`: make_stages(seed) builds the stages after the shard URLs; its
-    seed differs per epoch, rank and worker so every epoch is shuffled anew."""
+    seed differs per epoch, rank and worker so every epoch is shuffled anew. clocked: make_stages(seed, clock)
+    also gets the stream's StreamClock (a schedule over training steps, e.g. fusion's task phases)."""
     urls = expand_shards(pattern)
 
-    def make_stream(urls, epoch, r, w):
-        return wds.DataPipeline(wds.SimpleShardList(urls), *make_stages(f"{epoch}/{r}/{w}"))
+    def make_stream(urls, epoch, r, w, first_step=0):
+        seed = f"{epoch}/{r}/{w}"
+        stages = make_stages(seed, StreamClock(epoch, first_step, w, max(1, num_workers))) if clocked else make_stages(seed)
+        return wds.DataPipeline(wds.SimpleShardList(urls), *stages)
 
     return EpochLoader(urls, make_stream, num_workers, steps=steps)
 
@@ -191,15 +210,15 @@ class ShardPlan:
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
-    def __init__(self, plan: ShardPlan, make_stream, rank: int, epoch: int):
-        self.plan, self.make_stream, self.rank, self.epoch = plan, make_stream, rank, epoch
+    def __init__(self, plan: ShardPlan, make_stream, rank: int, epoch: int, first_step: int = 0):
+        self.plan, self.make_stream, self.rank, self.epoch, self.first_step = plan, make_stream, rank, epoch, first_step
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w = info.id if info else 0
         urls = list(self.plan.slots[self.rank][w])
         random.Random(f"{self.epoch}/{self.rank}/{w}").shuffle(urls)
-        yield from self.make_stream(urls, self.epoch, self.rank, w)
+        yield from self.make_stream(urls, self.epoch, self.rank, w, self.first_step)
 
 
 def _all_ranks_have(have: bool) -> bool:
@@ -219,7 +238,7 @@ class EpochLoader:
     same number of batches (the epoch ends on all ranks when the first runs out), and a resumed run
     continues the epoch where its checkpoint left it (`state_dict`, saved by Lightning).
 
-    make_stream(urls, epoch, rank, worker) -> iterator of full batches from those shards.
+    make_stream(urls, epoch, rank, worker, first_step) -> iterator of full batches from those shards.
     `steps` reports the batches actually trained (Lightning prefetches one ahead), e.g. the global step.
     Resuming re-reads the epoch's batches up to that point and drops them: exact, and cheap at the
     scale of one epoch of local shards. Rank and world size are read when iteration starts (the
@@ -256,7 +275,7 @@ class EpochLoader:
             skip, self._resume = self.steps() - self.epoch_start, False
         else:
             self.epoch, self.epoch_start, skip = self.epoch + 1, self.steps(), 0
-        data = _EpochDataset(self.plan, self.make_stream, self.rank, self.epoch)
+        data = _EpochDataset(self.plan, self.make_stream, self.rank, self.epoch, self.epoch_start)
         loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=self.num_workers,
                                              prefetch_factor=4 if self.num_workers else None)
         it = self._batches(iter(loader))

@@ -435,13 +435,23 @@ def _is_number(v) -> bool:
 
 
 def checkpoint_callbacks(run_dir: Path, every_n_steps: int, monitor: str, mode: str) -> list:
-    """last.ckpt every `every_n_steps` steps (what resume=auto continues from: a kill loses at most that
-    many steps) and best.ckpt by the validation metric."""
+    """last.ckpt every `every_n_steps` steps and at the end (what resume=auto continues from: a kill loses at
+    most that many steps) and best.ckpt by the validation metric."""
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning.pytorch.callbacks import Callback
+
+    class FinalLast(Callback):
+        """last.ckpt at the last step too (Lightning's save_last skips it once any step has been saved), so a
+        finished run continued with a larger max_steps (new task phases, say) starts where it ended."""
+
+        def on_train_end(self, trainer, pl_module):
+            trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
 
     return [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                             every_n_train_steps=every_n_steps),
-            ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=monitor, mode=mode, filename="best", save_top_k=1)]
+            ModelCheckpoint(dirpath=run_dir / "checkpoints", monitor=monitor, mode=mode, filename="best", save_top_k=1),
+            FinalLast()]
 
 
 def audit_callback(run_dir: Path):

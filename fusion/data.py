@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from data.loader import ImageTransform, batches_with_stats, shuffled
+from data.loader import ImageTransform, StreamClock, batches_with_stats, shuffled
 from data.shards import (DecodePolicy, ReadStats, Skip, account, decode_caption, decode_meta, decoded_samples,
                          expand_shards, tar_samples)
 from fusion.documents import TaskMix, make_document
@@ -55,34 +55,43 @@ WRITING_TASKS = ("t2i", "interleave")
 
 
 def packed_sequences(samples: Iterable[dict], vocab: MultimodalVocab, seq_len: int, mix: TaskMix, seed: int,
-                     pixels: ImageTransform | None = None, placeholders: int = 0) -> Iterator[dict]:
+                     pixels: ImageTransform | None = None, placeholders: int = 0, clock: StreamClock | None = None,
+                     batch_size: int = 1) -> Iterator[dict]:
     """Stage: samples -> {"packed": Packed}; each consumed sample leaves a {"__read__"} marker.
 
     Early fusion: samples carry codes. The adapter (`pixels` set): samples carry images, which become
     placeholder spans; it cannot write images, so its writing documents are dropped. Tasks are drawn
     from the same random stream either way, so both arms get the same reading documents in the same order.
+    With the training stream's `clock` (and its batch size) the mix follows its phases over training steps and
+    the curriculum holds in the first epoch only (not again in every epoch); without one (validation) the first
+    mix throughout.
     """
     rng = random.Random(seed)
     packer = Packer(seq_len, vocab.pad)
-    documents = 0
+    documents, sequences = 0, 0
+    curriculum = clock is None or clock.epoch == 0
     for s in samples:
         if "__skip__" in s or "__shard_done__" in s:
             yield s
             continue
-        if not mix.in_curriculum(s["meta"], documents):
+        if curriculum and not mix.in_curriculum(s["meta"], documents):
             yield {"__read__": s["notes"]}
             continue
-        documents += 1
         qa = s["meta"].get("qa") or []
-        task = mix.pick(rng, has_qa=bool(qa), has_scene=bool(s["meta"].get("scene")))
+        step = clock.step(sequences // batch_size) if clock is not None else 0
+        task = mix.pick(rng, has_qa=bool(qa), has_scene=bool(s["meta"].get("scene")), step=step)
+        yield {"__read__": s["notes"]}
+        if task is None:  # nothing this phase's mix can make of it
+            continue
+        documents += 1
         if task in ("caption", "text") and not s["caption"]:
             task = "t2i"  # nothing to learn to say; it can still be drawn unconditionally
-        yield {"__read__": s["notes"]}
         image = s["codes"] if pixels is None else pixels(s["image"])
         doc = make_document(task, image, s["caption"], qa, rng, mix, s["meta"])
         if pixels is not None and task in WRITING_TASKS:
             continue
         for p in packer.add(tokenize(vocab, doc, placeholders=placeholders, key=s["key"])):
+            sequences += 1
             yield {"packed": p}
     for p in packer.flush():
         yield {"packed": p}
@@ -90,7 +99,7 @@ def packed_sequences(samples: Iterable[dict], vocab: MultimodalVocab, seq_len: i
 
 def sequence_stages(vocab: MultimodalVocab, seq_len: int, batch_size: int, mix: TaskMix, *, seed: int | str = 0,
                     shuffle_buffer: int = 1000, partial: bool = True, pixels: ImageTransform | None = None,
-                    placeholders: int = 0) -> list:
+                    placeholders: int = 0, clock: StreamClock | None = None) -> list:
     """Stages from shard URLs to batches of {"input_ids", "labels", "position_ids", "modality", "read_span": [b, seq_len],
     "keys", "stats"}.
 
@@ -110,7 +119,7 @@ def sequence_stages(vocab: MultimodalVocab, seq_len: int, batch_size: int, mix: 
         tar_samples,
         decode,
         (lambda src: shuffled(src, shuffle_buffer, seed)) if shuffle_buffer else (lambda src: src),
-        lambda src: packed_sequences(src, vocab, seq_len, mix, seed, pixels, placeholders),
+        lambda src: packed_sequences(src, vocab, seq_len, mix, seed, pixels, placeholders, clock, batch_size),
         lambda src: batches_with_stats(src, batch_size, to_item, partial=partial),
     ]
 

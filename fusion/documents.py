@@ -96,11 +96,20 @@ class TaskMix:
     # questions about one object name it again after "A:" ("A: the red square is top left"): see qa_prompt;
     # the evaluation asks the same way
     restate_referent: bool = False
+    # a schedule of mixes over training: ((step, weights), ...) - from each `step` on (the global training step of
+    # the batch a document lands in, data.loader.StreamClock) documents are drawn with these weights instead
+    phases: tuple[tuple[int, dict[str, float]], ...] = ()
 
     def __post_init__(self):
-        unknown = set(self.weights) - set(TASKS)
-        if unknown:
-            raise ValueError(f"unknown tasks {sorted(unknown)}; known: {TASKS}")
+        for weights in (self.weights, *(w for _, w in self.phases)):
+            unknown = set(weights) - set(TASKS)
+            if unknown:
+                raise ValueError(f"unknown tasks {sorted(unknown)}; known: {TASKS}")
+            if not any(w > 0 for w in weights.values()):
+                raise ValueError(f"a task mix needs a task with weight > 0, got {dict(weights)}")
+        steps = [s for s, _ in self.phases]
+        if any(s < 1 for s in steps) or steps != sorted(set(steps)):
+            raise ValueError(f"task phases start at increasing steps >= 1, got {steps}")
         if self.caption_template is not None and self.caption_template not in range(4):
             raise ValueError(f"caption_template must be 0-3 or null, got {self.caption_template!r}")
         if self.curriculum_documents < 0 or self.curriculum_max_objects < 1 or self.curriculum_step_documents < 0:
@@ -142,10 +151,21 @@ class TaskMix:
 
         return [*qa, *extra_questions(Scene.from_json(meta["scene"]), self.extra_qa)]
 
-    def pick(self, rng: random.Random, has_qa: bool, has_scene: bool = False) -> str:
-        tasks = [t for t, w in self.weights.items() if w > 0 and (has_qa or t not in ("vqa", "interleave", "scene_qa"))
+    def weights_at(self, step: int) -> dict[str, float]:
+        """The task weights documents are drawn with at this training step."""
+        weights = self.weights
+        for start, w in self.phases:
+            if step >= start:
+                weights = w
+        return weights
+
+    def pick(self, rng: random.Random, has_qa: bool, has_scene: bool = False, step: int = 0) -> str | None:
+        """A task for this sample, or None when the mix has none it can make (a VQA-only mix, a sample
+        without questions): the sample is passed over."""
+        weights = self.weights_at(step)
+        tasks = [t for t, w in weights.items() if w > 0 and (has_qa or t not in ("vqa", "interleave", "scene_qa"))
                  and (has_scene or t != "scene_qa")]
-        return rng.choices(tasks, weights=[self.weights[t] for t in tasks])[0]
+        return rng.choices(tasks, weights=[weights[t] for t in tasks])[0] if tasks else None
 
 
 def qa_segments(qa: list[dict], rng: random.Random, max_qa: int, restate: bool = False) -> list[Segment]:

@@ -178,9 +178,44 @@ def compile_wanted(setting, max_steps: int | None, strategy: str = "auto") -> bo
     raise UserError(f"train.compile must be true, false or auto, got {setting!r}")
 
 
+def task_phases(phases, max_steps: int | None) -> tuple[tuple[int, dict[str, float]], ...]:
+    """conf `task_phases` ([{at, tasks}, ...]) -> TaskMix.phases. `at` is a step (an integer >= 1) or a fraction of
+    trainer.max_steps (0 < at < 1), so a phase scales with the run's length; `tasks` replaces the whole mix."""
+    out = []
+    for i, phase in enumerate(phases or []):
+        if set(phase) != {"at", "tasks"}:
+            raise UserError(f"task_phases[{i}] needs exactly the keys at and tasks, got {sorted(phase)}")
+        at = phase["at"]
+        if isinstance(at, float) and 0 < at < 1:
+            if not max_steps or max_steps < 0:
+                raise UserError(f"task_phases[{i}].at={at} is a fraction of trainer.max_steps, which is not set")
+            at = max(1, round(at * max_steps))
+        elif isinstance(at, bool) or not isinstance(at, int) or at < 1:
+            raise UserError(f"task_phases[{i}].at must be a step >= 1 or a fraction in (0, 1), got {at!r}")
+        out.append((at, {k: float(v) for k, v in phase["tasks"].items()}))
+    return tuple(out)
+
+
+def task_mix(cfg: DictConfig) -> TaskMix:
+    """The training documents' mix, from the conf; a mix it cannot make fails in one line."""
+    curriculum = cfg.get("curriculum") or {}
+    try:
+        return TaskMix(weights=dict(cfg.tasks), cond_dropout=cfg.cond_dropout, max_qa=cfg.get("max_qa", 12),
+                       caption_template=cfg.get("caption_template"), read_image_loss=bool(cfg.get("read_image_loss")),
+                       curriculum_documents=int(curriculum.get("documents", 0)),
+                       curriculum_max_objects=int(curriculum.get("max_objects", 1)),
+                       curriculum_step_documents=int(curriculum.get("step_documents", 0)),
+                       question_first=bool(cfg.get("question_first")), extra_qa=tuple(cfg.get("extra_qa") or ()),
+                       describe_first=bool(cfg.get("describe_first")), restate_referent=bool(cfg.get("restate_referent")),
+                       phases=task_phases(cfg.get("task_phases"), cfg.trainer.max_steps))
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
 def train(cfg: DictConfig) -> dict:
     run_dir = run_dir_of(cfg)
     save_resolved_config(cfg, run_dir)
+    mix = task_mix(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     codes, tokenizer_dir, tok_meta = code_source(cfg)
     if cfg.get("resume") and (run_dir / "vocab" / "vocab.json").is_file():
@@ -201,20 +236,12 @@ def train(cfg: DictConfig) -> dict:
 
         seed_code_embeddings(module.decoder, vocab.code_offset, vocab.num_codes, tok_meta["grid"],
                              load_tokenizer(tokenizer_dir), seed=cfg.seed)
-    curriculum = cfg.get("curriculum") or {}
-    mix = TaskMix(weights=dict(cfg.tasks), cond_dropout=cfg.cond_dropout, max_qa=cfg.get("max_qa", 12),
-                  caption_template=cfg.get("caption_template"), read_image_loss=bool(cfg.get("read_image_loss")),
-                  curriculum_documents=int(curriculum.get("documents", 0)),
-                  curriculum_max_objects=int(curriculum.get("max_objects", 1)),
-                  curriculum_step_documents=int(curriculum.get("step_documents", 0)),
-                  question_first=bool(cfg.get("question_first")), extra_qa=tuple(cfg.get("extra_qa") or ()),
-                  describe_first=bool(cfg.get("describe_first")), restate_referent=bool(cfg.get("restate_referent")))
     if cfg.arm == "fusion":
         sources, extra = (str(codes / "train"), str(codes / "val")), {}
     else:  # the adapter reads the image shards the codes were made from: same keys, same order
         sources = (cfg.data.train, cfg.data.val)
         extra = {"pixels": ImageTransform(cfg.tower.image_size), "placeholders": module.image_encoder.tokens_per_image}
-    val_mix = dataclasses.replace(mix, curriculum_documents=0)
+    val_mix = dataclasses.replace(mix, curriculum_documents=0, phases=())  # val/loss on one mix throughout
     # how the model reads; saved with it (Bundle.question_first, Bundle.describe_first, Bundle.restate_referent)
     reading = {"question_first": mix.question_first, "describe_first": mix.describe_first,
                "restate_referent": mix.restate_referent}
@@ -242,9 +269,9 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resume_checkpoint(cfg.get("resume"), run_dir, expect={"vocab_fingerprint": vocab.fingerprint(),
                                                                       "decoder": module.hparams.decoder})
     start = time.time()
-    train_data = train_loader(sources[0], lambda seed: sequence_stages(
+    train_data = train_loader(sources[0], lambda seed, clock: sequence_stages(
         vocab, cfg.seq_len, t.batch_size, mix, seed=f"{cfg.seed}/{seed}", shuffle_buffer=t.shuffle_buffer,
-        partial=False, **extra), t.num_workers, steps=lambda: trainer.global_step)
+        partial=False, clock=clock, **extra), t.num_workers, steps=lambda: trainer.global_step, clocked=True)
     trainer.fit(module, train_dataloaders=train_data, val_dataloaders=make_loader(val_data), ckpt_path=ckpt_path)
     elapsed = time.time() - start
     if not trainer.is_global_zero:

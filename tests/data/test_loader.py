@@ -86,3 +86,25 @@ def test_bad_samples_inside_training_batches_are_counted(tmp_path):
 def test_validation_reads_everything_in_order(uneven_shards):
     keys = [k for b in in_order(str(uneven_shards), image_stages(16, ImageTransform(48), shuffle_buffer=0)) for k in b["keys"]]
     assert keys == sorted(keys) and len(keys) == 103
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_clocked_stream_knows_the_global_step_of_its_batches(uneven_shards, workers):
+    """Each stream's StreamClock says which training step its k-th batch will be (so the data can follow a schedule
+    in steps: fusion's task phases), across epochs; with workers the DataLoader takes their batches in turn, exact
+    until the first worker runs out at the epoch's end."""
+
+    def stages(seed, clock):
+        def stamp(batches):
+            for k, b in enumerate(batches):
+                yield {**b, "clock": (clock.step(k), clock.epoch)} if "keys" in b else b
+        return [*image_stages(8, ImageTransform(48), seed=seed, partial=False), stamp]
+
+    loader = train_loader(str(uneven_shards), stages, workers, clocked=True)
+    seen = []
+    for epoch in range(2):
+        stamps = [b["clock"] for b in loader]
+        exact = len(stamps) - (max(1, workers) - 1)  # the last turn may be short of a worker
+        assert [s for s, _ in stamps[:exact]] == list(range(len(seen), len(seen) + exact))
+        assert {e for _, e in stamps} == {epoch}
+        seen += stamps

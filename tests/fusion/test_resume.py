@@ -31,6 +31,8 @@ def test_kill_and_resume_continues_the_stream(tiny_codes, tmp_path, curriculum):
     """With the default curriculum (small scenes first) the tiny shards' restricted epoch is shorter than the run,
     so samples repeat by design: there the resumed stream must still equal the uninterrupted one."""
     common = [f"codes={tiny_codes}", *ARGS, f"curriculum.documents={curriculum}"]
+    if curriculum:  # and a task phase from step 30: the resumed stream follows the same schedule
+        common.append("task_phases=[{at:30,tasks:{vqa:0.9,t2i:0.1}}]")
     reference = tmp_path / "reference"
     run_module("fusion.train", *common, f"run_dir={reference}")
 

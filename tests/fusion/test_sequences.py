@@ -117,6 +117,49 @@ def test_curriculum_and_caption_template_shape_the_document_stream(vocab):
         TaskMix(caption_template=7)
 
 
+def test_task_phases_switch_the_mix_at_a_training_step_and_the_curriculum_holds_in_the_first_epoch_only(vocab):
+    """From a phase's step on (the stream's clock: sequences emitted / batch size), documents are drawn from its
+    mix; a mix with no task for a sample passes it over; bad schedules fail; epochs after the first have no
+    curriculum."""
+    from data.loader import StreamClock
+    from data.shapes import WorldConfig, make_sample
+    from fusion.data import packed_sequences
+    from fusion.documents import TaskMix
+
+    world = WorldConfig()
+    samples = [{"key": f"{i:04d}", "codes": random_codes(vocab), "caption": s["caption"], "meta": s["meta"], "notes": {}}
+               for i, s in enumerate(make_sample(world, "train", i) for i in range(60))]
+    mix = TaskMix(weights={"t2i": 1.0}, phases=((3, {"vqa": 1.0}),))
+    assert mix.weights_at(0) == mix.weights_at(2) == {"t2i": 1.0} and mix.weights_at(3) == {"vqa": 1.0}
+
+    def writes(p):  # a sequence with image targets holds a text-to-image document
+        return bool(((torch.as_tensor(p.labels) != IGNORE) & (torch.as_tensor(p.modality) == 1)).any())
+
+    seq_len = 2 * vocab.layout.span_len + 160  # two or three documents a sequence
+    seqs = [i["packed"] for i in packed_sequences(samples, vocab, seq_len, mix, seed=0, clock=StreamClock(),
+                                                 batch_size=1) if "packed" in i]
+    assert all(writes(p) for p in seqs[:3])  # steps 0-2: the first mix
+    written = sorted(k for p in seqs if writes(p) for k in p.keys)  # drawn before the third sequence was emitted
+    assert written and written[-1] < "0020" and sum(not writes(p) for p in seqs) > len(seqs) // 2
+    # without a clock (validation) the first mix throughout
+    assert all(writes(i["packed"]) for i in packed_sequences(samples[:20], vocab, seq_len, mix, seed=0) if "packed" in i)
+    # a mix that can make nothing of a sample (VQA only, no questions) passes it over instead of failing
+    bare = [{**s, "meta": {}} for s in samples[:5]]
+    items = list(packed_sequences(bare, vocab, 4096, TaskMix(weights={"vqa": 1.0}), seed=0))
+    assert not any("packed" in i for i in items) and sum("__read__" in i for i in items) == 5
+    for bad in (((0, {"vqa": 1.0}),), ((5, {"vqa": 1.0}), (5, {"t2i": 1.0})), ((5, {"vqa": 0.0}),),
+                ((5, {"vqa_only": 1.0}),)):
+        with pytest.raises(ValueError):
+            TaskMix(phases=bad)
+
+    def keys(mix, clock):
+        return [k for i in packed_sequences(samples, vocab, 4096, mix, seed=0, clock=clock) if "packed" in i
+                for k in i["packed"].keys]
+
+    small = TaskMix(curriculum_documents=5, curriculum_max_objects=1)
+    assert len(keys(small, StreamClock(epoch=0))) < 60 and len(keys(small, StreamClock(epoch=1))) == 60
+
+
 def test_extra_questions_ask_where_an_object_of_a_unique_colour_is():
     """where_by_colour adds "Where is the red object?" for each object whose colour no other object has, answered
     with its cell, to vqa documents only; samples without a scene keep their stored questions; unknown kinds fail."""

@@ -40,6 +40,20 @@ def test_training_writes_model_samples_and_logs(trained):
 
 
 @pytest.mark.slow
+def test_a_finished_run_continues_under_a_new_task_phase(trained, tiny_codes, shapes_root, tmp_path):
+    """last.ckpt holds the final step (checkpoint_every is 500 here, so only the end saved it); the same command
+    with a larger max_steps and a phase from there on continues it: stage two of a staged recipe."""
+    import shutil
+
+    assert torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 16
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    run_module("fusion.train", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
+               "trainer.max_steps=20", "resume=auto", "task_phases=[{at:16,tasks:{vqa:1.0}}]")
+    assert json.loads((run / "train_summary.json").read_text())["steps"] == 20
+
+
+@pytest.mark.slow
 def test_sample_command_writes_images_and_interleaved_output(trained, tmp_path):
     run_module("fusion.sample", f"model_dir={trained / 'model'}", f"run_dir={tmp_path / 's'}", "n=2",
                "prompts=['A picture of a red circle.','A picture of two blue squares.']")
@@ -104,7 +118,7 @@ def test_every_recipe_switch_trains_and_curves_are_drawn(tiny_fsq_codes, shapes_
                "decoder.code_features=[levels,pixels]", "decoder.code_head=true", "train.optimizer=muon", "train.schedule=wsd", "loss.balance=modality",
                "loss.text_weight=2.0", "layout.row_separator=false", "caption_template=0", "curriculum.documents=4", "read_image_loss=true",
                "question_first=true", "extra_qa=[where_by_colour]", "decoder.image_pos_every_layer=true", "decoder.image_pos_values=true",
-               "decoder.image_pos_values_std=0.1", "restate_referent=true", "train.embed_lr_scale=10", "train.head_lr_scale=2", "train.compile=true",
+               "decoder.image_pos_values_std=0.1", "restate_referent=true", "task_phases=[{at:0.5,tasks:{vqa:0.8,t2i:0.2}}]", "train.embed_lr_scale=10", "train.head_lr_scale=2", "train.compile=true",
                "curves.gain_images=8", "curves.vqa_images=3",
                "curves.judge_per_type=1")
     summary = json.loads((run / "train_summary.json").read_text())
@@ -280,3 +294,22 @@ def test_compile_setting_auto_compiles_long_runs_only_and_a_bad_value_is_one_lin
     assert compile_wanted(True, 16) and not compile_wanted(False, 2500)
     with pytest.raises(UserError, match="train.compile must be true, false or auto"):
         compile_wanted("yes", 100)
+
+
+def test_task_phases_read_steps_or_fractions_of_the_run_and_reject_the_rest():
+    from fusion.train import task_phases
+
+    assert task_phases([], 100) == () and task_phases(None, 100) == ()
+    assert task_phases([{"at": 0.6, "tasks": {"vqa": 1}}, {"at": 90, "tasks": {"t2i": 0.5, "vqa": 0.5}}], 100) == (
+        (60, {"vqa": 1.0}), (90, {"t2i": 0.5, "vqa": 0.5}))
+    for bad, match in (([{"at": 0, "tasks": {"vqa": 1}}], "step >= 1"), ([{"at": 1.5, "tasks": {"vqa": 1}}], "step >= 1"),
+                       ([{"at": 10}], "keys at and tasks"), ([{"at": 0.5, "tasks": {"vqa": 1}}], "max_steps")):
+        with pytest.raises(UserError, match=match):
+            task_phases(bad, None if match == "max_steps" else 100)
+
+
+def test_a_task_phase_with_an_unknown_task_fails_in_one_line_before_any_work(tmp_path):
+    proc = run_module("fusion.train", f"codes={tmp_path}", f"run_dir={tmp_path / 'run'}",
+                      "task_phases=[{at:10,tasks:{draw:1.0}}]", check=False)
+    assert proc.returncode == 2 and "unknown tasks ['draw']" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
