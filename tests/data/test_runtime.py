@@ -210,7 +210,9 @@ def test_batched_muon_takes_torch_muons_steps_and_shares_its_checkpoints():
             opt_ours.step()
         for a, b, s in zip(ref, ours, start):
             assert (a - s).abs().max() > 1e-3  # it moved
-            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+            # fp32 batched against one-by-one matmuls: the summation order differs by CPU (7.8e-6 seen on an
+            # AMD EPYC with AVX-512 BF16), against updates of ~1e-2
+            torch.testing.assert_close(b, a, rtol=0, atol=5e-5)
         again = torch.optim.Muon(ours, lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust)
         again.load_state_dict(opt_ours.state_dict())
         for a, b in zip(opt_ours.state.values(), again.state.values()):
