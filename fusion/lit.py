@@ -69,6 +69,9 @@ class FusionModule(ScheduledTraining, L.LightningModule):
     def extra_flops(self, batch) -> float:
         return 0.0
 
+    def on_train_start(self):
+        self.first_step = self.trainer.global_step  # > 0 when resumed: this process's speed counts from here
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.clock.flops += self.flops_per_batch
         if self.clock.flops_budget and self.clock.flops >= self.clock.flops_budget:

@@ -276,9 +276,11 @@ def train(cfg: DictConfig) -> dict:
     elapsed = time.time() - start
     if not trainer.is_global_zero:
         return {}
-    tokens = trainer.global_step * t.batch_size * cfg.seq_len * max(1, trainer.world_size)
-    summary = {"steps": trainer.global_step, "seconds": round(elapsed, 1), "tokens": tokens,
-               "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1), "precision": str(trainer.precision),
+    tokens_per_step = t.batch_size * cfg.seq_len * max(1, trainer.world_size)
+    tokens, first = trainer.global_step * tokens_per_step, getattr(module, "first_step", 0)
+    summary = {"steps": trainer.global_step, "resumed_from": first, "seconds": round(elapsed, 1), "tokens": tokens,
+               "tokens_per_s": round((trainer.global_step - first) * tokens_per_step / max(elapsed, 1e-9), 1),
+               "precision": str(trainer.precision),
                "compiled": module.compile_training,
                "params": sum(p.numel() for p in module.decoder.parameters()),
                "non_embedding_params": module.decoder.cfg.non_embedding_params(),
