@@ -437,9 +437,7 @@ def _is_number(v) -> bool:
 def checkpoint_callbacks(run_dir: Path, every_n_steps: int, monitor: str, mode: str) -> list:
     """last.ckpt every `every_n_steps` steps and at the end (what resume=auto continues from: a kill loses at
     most that many steps) and best.ckpt by the validation metric."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
     class FinalLast(Callback):
         """last.ckpt at the last step too (Lightning's save_last skips it once any step has been saved), so a
