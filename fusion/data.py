@@ -63,8 +63,8 @@ def packed_sequences(samples: Iterable[dict], vocab: MultimodalVocab, seq_len: i
     placeholder spans; it cannot write images, so its writing documents are dropped. Tasks are drawn
     from the same random stream either way, so both arms get the same reading documents in the same order.
     With the training stream's `clock` (and its batch size) the mix follows its phases over training steps and
-    the curriculum holds in the first epoch only (not again in every epoch); without one (validation) the first
-    mix throughout.
+    the curriculum holds in the first epoch only (not again in every epoch), a phase's curriculum window in its
+    steps; without one (validation) the first mix throughout.
     """
     rng = random.Random(seed)
     packer = Packer(seq_len, vocab.pad)
@@ -74,11 +74,12 @@ def packed_sequences(samples: Iterable[dict], vocab: MultimodalVocab, seq_len: i
         if "__skip__" in s or "__shard_done__" in s:
             yield s
             continue
-        if curriculum and not mix.in_curriculum(s["meta"], documents):
+        step = clock.step(sequences // batch_size) if clock is not None else 0
+        if (curriculum and not mix.in_curriculum(s["meta"], documents)) or (
+                clock is not None and not mix.in_window(s["meta"], step)):
             yield {"__read__": s["notes"]}
             continue
         qa = s["meta"].get("qa") or []
-        step = clock.step(sequences // batch_size) if clock is not None else 0
         task = mix.pick(rng, has_qa=bool(qa), has_scene=bool(s["meta"].get("scene")), step=step)
         yield {"__read__": s["notes"]}
         if task is None:  # nothing this phase's mix can make of it

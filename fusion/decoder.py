@@ -72,6 +72,10 @@ class DecoderConfig:
     # image span (PaliGemma's prefix-LM, Gemma 3's image attention), so every code sees the whole picture
     # before any question is asked. Images the model writes stay causal either way.
     read_attention: str = "causal"
+    # The codes of an image the model writes (and its <boi>) run through their own copy of every block's norms,
+    # attention projections and MLP, text and read images through the first (fusion/experts.py: a writing
+    # expert, BAGEL's and MoT's split by role). Same sequence, same attention, same FLOPs per token.
+    write_expert: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -98,6 +102,8 @@ class DecoderConfig:
                                  f"{math.prod(self.code_levels)} codes, the vocabulary has {self.image_layout['num_codes']}")
         if "pixels" in self.code_features and not self.code_pixel_dim:
             raise ValueError("code_features=[pixels] needs code_pixel_dim (the decoded patch's size)")
+        if self.write_expert and not (self.image_layout and "eoi" in self.image_layout):
+            raise ValueError("write_expert needs image_layout with its eoi (the vocabulary's image tokens)")
         if self.read_attention not in ("causal", "bidirectional"):
             raise ValueError(f"decoder.read_attention must be causal or bidirectional, got {self.read_attention!r}")
         self.num_kv_heads = self.num_kv_heads or self.num_heads
@@ -248,6 +254,10 @@ class Decoder(nn.Module):
             for i, block in enumerate(blocks):  # fed by the keyword `layer_cells` (Decoder.layer_cells)
                 block.register_forward_pre_hook(functools.partial(_stash_value_pos, self, i), with_kwargs=True)
                 block.self_attn.v_proj.register_forward_hook(_add_value_pos)
+        if cfg.write_expert:  # routed by the keyword `route` (Decoder.route)
+            from fusion.experts import add_write_expert
+
+            add_write_expert(self.lm.model.layers)
         if cfg.image_pos_every_layer:  # blocks 1.. add the positions they are handed (keyword `layer_pos`)
             for i, block in enumerate(self.lm.model.layers):
                 block.register_forward_pre_hook(_add_layer_pos if i else _drop_layer_pos, with_kwargs=True)
@@ -303,19 +313,36 @@ class Decoder(nn.Module):
         """[..., T, kv_heads x head_dim]: what block `block` adds to the attention values of these cells."""
         return self.value_rows[block](cells[..., 0]) + self.value_cols[block](cells[..., 1])
 
-    def block_kwargs(self, layer_pos=None, layer_cells=None) -> dict:
-        """The keywords transformers hands on to every block (see layer_pos, layer_cells)."""
-        return {k: v for k, v in (("layer_pos", layer_pos), ("layer_cells", layer_cells)) if v is not None}
+    def route(self, input_ids: torch.Tensor, read_span: torch.Tensor | None = None) -> torch.Tensor | None:
+        """[B, T] bool when `write_expert` is on (else None): True on the tokens of images the model writes.
+        `read_span` (fusion.sequences.pack) says which images are read; without it a chunk's complete images
+        are (what a prompt's images are at inference, read_spans) and an open one at its end is written."""
+        if not self.cfg.write_expert:
+            return None
+        from fusion.experts import write_route
+
+        lay = self.cfg.image_layout
+        if read_span is None:
+            read_span = read_spans(input_ids, lay["boi"], lay["eoi"])
+        return write_route(input_ids, read_span, lay)
+
+    def block_kwargs(self, layer_pos=None, layer_cells=None, route=None) -> dict:
+        """The keywords transformers hands on to every block (see layer_pos, layer_cells, route)."""
+        return {k: v for k, v in (("layer_pos", layer_pos), ("layer_cells", layer_cells), ("route", route))
+                if v is not None}
 
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, past_key_values=None,
-                use_cache: bool = False, logits_to_keep: int = 0, read_span=None, layer_pos=None, layer_cells=None):
+                use_cache: bool = False, logits_to_keep: int = 0, read_span=None, layer_pos=None, layer_cells=None,
+                route=None):
         """`read_span` [B, T] (fusion.sequences.pack): the read image spans, attended bidirectionally when
         `read_attention` says so; otherwise transformers' causal mask over the packed documents. `layer_pos`:
-        see `layer_pos` (computed from input_ids when they are given)."""
+        see `layer_pos` (computed from input_ids when they are given); `route`: see `route` (likewise)."""
         if input_ids is not None and layer_pos is None:
             layer_pos = self.layer_pos(input_ids)
         if input_ids is not None and layer_cells is None:
             layer_cells = self.layer_cells(input_ids)
+        if input_ids is not None and route is None:
+            route = self.route(input_ids, read_span)
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         inputs_embeds = self.embed_dropout(inputs_embeds)
@@ -326,7 +353,7 @@ class Decoder(nn.Module):
             mask = attention_mask(position_ids.expand(inputs_embeds.shape[0], -1), read_span)
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
                        past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep,
-                       **self.block_kwargs(layer_pos, layer_cells))
+                       **self.block_kwargs(layer_pos, layer_cells, route))
 
 
 def _stash_value_pos(decoder: Decoder, i: int, block: nn.Module, args: tuple, kwargs: dict):

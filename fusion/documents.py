@@ -99,6 +99,9 @@ class TaskMix:
     # a schedule of mixes over training: ((step, weights), ...) - from each `step` on (the global training step of
     # the batch a document lands in, data.loader.StreamClock) documents are drawn with these weights instead
     phases: tuple[tuple[int, dict[str, float]], ...] = ()
+    # training-step windows [start, end) whose documents come only from scenes of at most curriculum_max_objects
+    # objects, in whatever epoch they fall (task_phases' `curriculum`: a new mix meets small scenes first)
+    curriculum_windows: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         for weights in (self.weights, *(w for _, w in self.phases)):
@@ -110,6 +113,8 @@ class TaskMix:
         steps = [s for s, _ in self.phases]
         if any(s < 1 for s in steps) or steps != sorted(set(steps)):
             raise ValueError(f"task phases start at increasing steps >= 1, got {steps}")
+        if any(not 0 <= a < b for a, b in self.curriculum_windows):
+            raise ValueError(f"curriculum windows are step ranges [start, end), got {list(self.curriculum_windows)}")
         if self.caption_template is not None and self.caption_template not in range(4):
             raise ValueError(f"caption_template must be 0-3 or null, got {self.caption_template!r}")
         if self.curriculum_documents < 0 or self.curriculum_max_objects < 1 or self.curriculum_step_documents < 0:
@@ -134,6 +139,13 @@ class TaskMix:
         if self.curriculum_step_documents:
             bound += documents_so_far // self.curriculum_step_documents
         return scene is None or len(scene.get("objects") or []) <= bound
+
+    def in_window(self, meta: dict, step: int) -> bool:
+        """False for a sample a curriculum window passes over at this training step."""
+        if not any(a <= step < b for a, b in self.curriculum_windows):
+            return True
+        scene = meta.get("scene")
+        return scene is None or len(scene.get("objects") or []) <= self.curriculum_max_objects
 
     def reading_caption(self, caption: str, meta: dict) -> str:
         """The caption an image -> caption document asks for."""

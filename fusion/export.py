@@ -62,6 +62,9 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
     if dec.cfg.image_pos_every_layer:
         raise UserError("export writes 2-D positions at the input only; this decoder adds them before every block "
                         "(decoder.image_pos_every_layer=true)")
+    if dec.cfg.write_expert:
+        raise UserError("export writes one set of block weights; this decoder writes images with a second "
+                        "(decoder.write_expert=true)")
     base = dec.cfg.hf_config(vocab.size).to_dict()
     for k in ("model_type", "architectures", "transformers_version", "_attn_implementation_autoset",
               "bos_token_id", "eos_token_id", "pad_token_id"):

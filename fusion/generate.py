@@ -84,6 +84,7 @@ class Generator:
         embeds = self._prefix_embeds(ids, images) if images else self.decoder.embed(ids)
         layer_pos = self.decoder.layer_pos(ids)  # decoder.image_pos_every_layer (None when off)
         layer_cells = self.decoder.layer_cells(ids)  # decoder.image_pos_values (None when off)
+        route = self.decoder.route(ids)  # decoder.write_expert: a prompt ending in <boi> writes that image
         step_attn = attn
         # a prompt's complete images are read: attended bidirectionally when the decoder was trained so
         spans = (read_spans(ids, self.vocab.boi, self.vocab.eoi)
@@ -96,7 +97,7 @@ class Generator:
         for step in range(sc.max_new_tokens):
             if all(st == DONE for st in state):
                 break
-            logits = runner.forward(step_attn, embeds, spans if step == 0 else None, layer_pos, layer_cells)
+            logits = runner.forward(step_attn, embeds, spans if step == 0 else None, layer_pos, layer_cells, route)
             logits = logits.float().cpu()
             cond = logits[:B]
             rows = torch.tensor(state)
@@ -128,6 +129,7 @@ class Generator:
                 step_ids, cells = torch.cat([step_ids, step_ids]), torch.cat([cells, cells])
             embeds, layer_pos = self.decoder.embed(step_ids, cells), self.decoder.layer_pos(step_ids, cells)
             layer_cells = self.decoder.layer_cells(step_ids, cells)
+            route = None if route is None else self.decoder.route(step_ids, torch.zeros_like(step_ids))  # written
             step_attn = torch.ones_like(step_ids)
         return out
 
@@ -169,13 +171,15 @@ class TransformersRunner:
 
     def __init__(self, decoder, use_cache: bool):
         self.decoder, self.lm, self.cache = decoder, decoder.lm, DynamicCache() if use_cache else None
-        self.embeds = self.attn = self.spans = self.layer_pos = self.layer_cells = None
+        self.embeds = self.attn = self.spans = self.layer_pos = self.layer_cells = self.route = None
 
     def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor, spans: torch.Tensor | None = None,
-                layer_pos: torch.Tensor | None = None, layer_cells: torch.Tensor | None = None) -> torch.Tensor:
+                layer_pos: torch.Tensor | None = None, layer_cells: torch.Tensor | None = None,
+                route: torch.Tensor | None = None) -> torch.Tensor:
         """Append a chunk (attn [B, T], its input embeddings [B, T, h]; `spans` [B, T]: read image spans of
-        the first chunk, see fusion.decoder.read_spans; `layer_pos` [B, T, h] and `layer_cells` [B, T, 2]:
-        Decoder.layer_pos and Decoder.layer_cells, or None); the last column's logits [B, V]."""
+        the first chunk, see fusion.decoder.read_spans; `layer_pos` [B, T, h], `layer_cells` [B, T, 2] and
+        `route` [B, T]: Decoder.layer_pos, Decoder.layer_cells and Decoder.route, or None); the last column's
+        logits [B, V]."""
         self.attn = attn if self.attn is None else torch.cat([self.attn, attn], dim=1)
         if spans is not None:
             self.spans = spans
@@ -188,15 +192,18 @@ class TransformersRunner:
         if self.cache is not None:
             return self.lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos[:, -attn.shape[1]:],
                            past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-                           **self.decoder.block_kwargs(layer_pos, layer_cells)).logits[:, -1]
+                           **self.decoder.block_kwargs(layer_pos, layer_cells, route)).logits[:, -1]
         self.embeds = inputs_embeds if self.embeds is None else torch.cat([self.embeds, inputs_embeds], dim=1)
         if layer_pos is not None:
             self.layer_pos = layer_pos if self.layer_pos is None else torch.cat([self.layer_pos, layer_pos], dim=1)
         if layer_cells is not None:
             self.layer_cells = (layer_cells if self.layer_cells is None
                                 else torch.cat([self.layer_cells, layer_cells], dim=1))
+        if route is not None:
+            self.route = route if self.route is None else torch.cat([self.route, route], dim=1)
         return self.lm(inputs_embeds=self.embeds, attention_mask=mask, position_ids=pos, use_cache=False,
-                       logits_to_keep=1, **self.decoder.block_kwargs(self.layer_pos, self.layer_cells)).logits[:, -1]
+                       logits_to_keep=1,
+                       **self.decoder.block_kwargs(self.layer_pos, self.layer_cells, self.route)).logits[:, -1]
 
 
 def _warpers(sc: SamplingConfig) -> LogitsProcessorList:

@@ -20,8 +20,10 @@ SUPPORTED = ("LlamaForCausalLM", "Qwen3ForCausalLM")
 
 
 def supported(lm) -> bool:
+    from fusion.experts import has_write_expert
+
     cfg = lm.config
-    return (type(lm).__name__ in SUPPORTED and not getattr(cfg, "use_sliding_window", False)
+    return (type(lm).__name__ in SUPPORTED and not has_write_expert(lm) and not getattr(cfg, "use_sliding_window", False)
             and getattr(cfg, "hidden_act", "silu") == "silu" and not getattr(cfg, "mlp_bias", False))
 
 
@@ -76,12 +78,16 @@ class StaticKVCache:
 
     @torch.inference_mode()
     def forward(self, attn: torch.Tensor, inputs_embeds: torch.Tensor, spans: torch.Tensor | None = None,
-                layer_pos: torch.Tensor | None = None, layer_cells: torch.Tensor | None = None) -> torch.Tensor:
+                layer_pos: torch.Tensor | None = None, layer_cells: torch.Tensor | None = None,
+                route: torch.Tensor | None = None) -> torch.Tensor:
         """Append a chunk (attn [B, T]: 1 = real token, 0 = left padding; its input embeddings [B, T, h];
         `spans` [B, T]: the chunk's read image spans, attended bidirectionally, fusion.decoder.read_spans;
         `layer_pos` [B, T, h]: added before every block but the first, Decoder.layer_pos; `layer_cells` [B, T, 2]:
-        the cells whose value positions each block adds, Decoder.layer_cells); return the last column's logits
-        [B, V]."""
+        the cells whose value positions each block adds, Decoder.layer_cells; `route`: a writing expert's, which
+        this cache does not run - `supported` sends such decoders to transformers); return the last column's
+        logits [B, V]."""
+        if route is not None:
+            raise ValueError("the lean cache has no writing expert (kvcache.supported is False for such a decoder)")
         x = inputs_embeds
         B, T, _ = x.shape
         t0, t1 = self.len, self.len + T

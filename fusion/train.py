@@ -178,13 +178,16 @@ def compile_wanted(setting, max_steps: int | None, strategy: str = "auto") -> bo
     raise UserError(f"train.compile must be true, false or auto, got {setting!r}")
 
 
-def task_phases(phases, max_steps: int | None) -> tuple[tuple[int, dict[str, float]], ...]:
-    """conf `task_phases` ([{at, tasks}, ...]) -> TaskMix.phases. `at` is a step (an integer >= 1) or a fraction of
-    trainer.max_steps (0 < at < 1), so a phase scales with the run's length; `tasks` replaces the whole mix."""
+def task_phases(phases, max_steps: int | None) -> tuple[tuple[int, dict[str, float], int], ...]:
+    """conf `task_phases` ([{at, tasks, curriculum}, ...]) -> ((step, weights, curriculum steps), ...). `at` is a
+    step (an integer >= 1) or a fraction of trainer.max_steps (0 < at < 1), so a phase scales with the run's length;
+    `tasks` replaces the whole mix; `curriculum` (optional, steps): the phase's first that many steps draw only
+    scenes of at most curriculum.max_objects objects again (a new mix meets small scenes first)."""
     out = []
     for i, phase in enumerate(phases or []):
-        if set(phase) != {"at", "tasks"}:
-            raise UserError(f"task_phases[{i}] needs exactly the keys at and tasks, got {sorted(phase)}")
+        if not hasattr(phase, "keys") or not {"at", "tasks"} <= set(phase) <= {"at", "tasks", "curriculum"}:
+            got = sorted(phase) if hasattr(phase, "keys") else repr(phase)
+            raise UserError(f"task_phases[{i}] needs the keys at and tasks (and optionally curriculum), got {got}")
         at = phase["at"]
         if isinstance(at, float) and 0 < at < 1:
             if not max_steps or max_steps < 0:
@@ -192,13 +195,21 @@ def task_phases(phases, max_steps: int | None) -> tuple[tuple[int, dict[str, flo
             at = max(1, round(at * max_steps))
         elif isinstance(at, bool) or not isinstance(at, int) or at < 1:
             raise UserError(f"task_phases[{i}].at must be a step >= 1 or a fraction in (0, 1), got {at!r}")
-        out.append((at, {k: float(v) for k, v in phase["tasks"].items()}))
+        tasks = phase["tasks"]
+        if not hasattr(tasks, "items") or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in tasks.values()):
+            raise UserError(f"task_phases[{i}].tasks must map task names to weights, got {tasks!r}")
+        steps = phase.get("curriculum", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise UserError(f"task_phases[{i}].curriculum must be a number of steps >= 0, got {steps!r}")
+        out.append((at, {k: float(v) for k, v in tasks.items()}, steps))
     return tuple(out)
 
 
 def task_mix(cfg: DictConfig) -> TaskMix:
     """The training documents' mix, from the conf; a mix it cannot make fails in one line."""
     curriculum = cfg.get("curriculum") or {}
+    phases = task_phases(cfg.get("task_phases"), cfg.trainer.max_steps)
     try:
         return TaskMix(weights=dict(cfg.tasks), cond_dropout=cfg.cond_dropout, max_qa=cfg.get("max_qa", 12),
                        caption_template=cfg.get("caption_template"), read_image_loss=bool(cfg.get("read_image_loss")),
@@ -207,7 +218,8 @@ def task_mix(cfg: DictConfig) -> TaskMix:
                        curriculum_step_documents=int(curriculum.get("step_documents", 0)),
                        question_first=bool(cfg.get("question_first")), extra_qa=tuple(cfg.get("extra_qa") or ()),
                        describe_first=bool(cfg.get("describe_first")), restate_referent=bool(cfg.get("restate_referent")),
-                       phases=task_phases(cfg.get("task_phases"), cfg.trainer.max_steps))
+                       phases=tuple((at, weights) for at, weights, _ in phases),
+                       curriculum_windows=tuple((at, at + steps) for at, _, steps in phases if steps))
     except ValueError as e:
         raise UserError(str(e)) from e
 
@@ -227,6 +239,8 @@ def train(cfg: DictConfig) -> dict:
     t = cfg.train
     module = build_module(cfg, vocab, run_dir, tok_meta["config"])
     module.compile_training = compile_wanted(t.get("compile", False), cfg.trainer.max_steps, cfg.trainer.get("strategy", "auto"))
+    if module.decoder.cfg.write_expert:  # data-dependent routing would break the graph in every block
+        module.compile_training = False
     if cfg.arm == "fusion" and "pixels" in module.decoder.cfg.code_features:
         from fusion.decoder import code_pixel_features
 

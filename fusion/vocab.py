@@ -73,7 +73,7 @@ class MultimodalVocab:
     # ------------------------------------------------------------ images
     def image_layout(self) -> dict:
         """What the decoder needs to place image codes on the grid (DecoderConfig.image_layout)."""
-        return {"boi": self.boi, "code_offset": self.code_offset, "num_codes": self.num_codes,
+        return {"boi": self.boi, "eoi": self.eoi, "code_offset": self.code_offset, "num_codes": self.num_codes,
                 "grid": self.layout.grid, "row_len": self.layout.row_len}
 
     def is_code(self, ids):

@@ -160,6 +160,36 @@ def test_task_phases_switch_the_mix_at_a_training_step_and_the_curriculum_holds_
     assert len(keys(small, StreamClock(epoch=0))) < 60 and len(keys(small, StreamClock(epoch=1))) == 60
 
 
+def test_a_phase_curriculum_window_draws_only_small_scenes_during_its_steps_in_any_epoch(vocab):
+    """task_phases' `curriculum`: during the window's training steps only scenes of at most max_objects objects
+    become documents (the rest are read and passed over), before and after it every scene, in any epoch."""
+    from data.loader import StreamClock
+    from data.shapes import WorldConfig, make_sample
+    from fusion.data import packed_sequences
+    from fusion.documents import TaskMix
+
+    class EverySample(StreamClock):  # the i-th sample the stream considers falls at step i
+        calls = -1
+
+        def step(self, batches_done: int) -> int:
+            self.calls += 1
+            return self.calls
+
+    world = WorldConfig()
+    samples = [{"key": f"{i:04d}", "codes": random_codes(vocab), "caption": s["caption"], "meta": s["meta"], "notes": {}}
+               for i, s in enumerate(make_sample(world, "train", i) for i in range(60))]
+    sizes = [len(s["meta"]["scene"]["objects"]) for s in samples]
+    mix = TaskMix(weights={"t2i": 1.0}, curriculum_max_objects=1, curriculum_windows=((20, 40),))
+    for epoch in (0, 3):
+        items = list(packed_sequences(samples, vocab, 4096, mix, seed=0, clock=EverySample(epoch=epoch)))
+        drawn = {int(k) for i in items if "packed" in i for k in i["packed"].keys}
+        assert sum("__read__" in i for i in items) == 60  # every sample read, none lost
+        assert drawn == {i for i in range(60) if not 20 <= i < 40 or sizes[i] == 1}
+        assert any(sizes[i] > 1 for i in range(20, 40)) and any(sizes[i] == 1 for i in range(20, 40))
+    with pytest.raises(ValueError, match="curriculum windows"):
+        TaskMix(curriculum_windows=((5, 5),))
+
+
 def test_extra_questions_ask_where_an_object_of_a_unique_colour_is():
     """where_by_colour adds "Where is the red object?" for each object whose colour no other object has, answered
     with its cell, to vqa documents only; samples without a scene keep their stored questions; unknown kinds fail."""

@@ -301,10 +301,15 @@ def test_task_phases_read_steps_or_fractions_of_the_run_and_reject_the_rest():
     from fusion.train import task_phases
 
     assert task_phases([], 100) == () and task_phases(None, 100) == ()
-    assert task_phases([{"at": 0.6, "tasks": {"vqa": 1}}, {"at": 90, "tasks": {"t2i": 0.5, "vqa": 0.5}}], 100) == (
-        (60, {"vqa": 1.0}), (90, {"t2i": 0.5, "vqa": 0.5}))
+    assert task_phases([{"at": 0.6, "tasks": {"vqa": 1}}, {"at": 90, "tasks": {"t2i": 0.5, "vqa": 0.5},
+                                                           "curriculum": 5}], 100) == (
+        (60, {"vqa": 1.0}, 0), (90, {"t2i": 0.5, "vqa": 0.5}, 5))
     for bad, match in (([{"at": 0, "tasks": {"vqa": 1}}], "step >= 1"), ([{"at": 1.5, "tasks": {"vqa": 1}}], "step >= 1"),
-                       ([{"at": 10}], "keys at and tasks"), ([{"at": 0.5, "tasks": {"vqa": 1}}], "max_steps")):
+                       ([{"at": 10}], "keys at and tasks"), ([{"at": 0.5, "tasks": {"vqa": 1}}], "max_steps"),
+                       (["vqa"], "keys at and tasks"), ([{"at": 10, "tasks": "vqa"}], "map task names to weights"),
+                       ([{"at": 10, "tasks": {"vqa": "lots"}}], "map task names to weights"),
+                       ([{"at": 10, "tasks": {"vqa": 1}, "curriculum": -1}], "number of steps"),
+                       ([{"at": 10, "tasks": {"vqa": 1}, "warmup": 5}], "keys at and tasks")):
         with pytest.raises(UserError, match=match):
             task_phases(bad, None if match == "max_steps" else 100)
 

@@ -1,0 +1,91 @@
+"""A writing expert: the image codes the model writes run through their own copy of every block's weights.
+
+Mixture-of-Transformers by role (BAGEL's understanding / generation experts, MoT's per-modality weights; Janus
+decouples the two directions' encoders for the same reason): text and the images the model *reads* use the
+block weights as before, the codes of an image it *writes* (and that image's <boi>) use a second copy of each
+block's norms, attention projections and MLP, and every token still attends to every earlier one in one
+sequence. Each token passes through one set of weights, so a token costs the FLOPs it did; the blocks hold twice
+the parameters. Early fusion is kept: one vocabulary, one sequence, one attention.
+
+Why: in one set of weights the two directions fight for the same updates (README, study screens 3 and 10-11):
+weighting answers up buys reading and costs writing, VQA documents alone learn "Where" (position 93 %) while the
+mix never does, and whichever direction trains first blocks the other.
+
+The route of each token is handed to the blocks as the keyword `route` ([B, T] bool, True = written), which a
+pre-hook turns into index lists on the block's routed modules (as Decoder's `layer_cells`).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+ROUTED = ("input_layernorm", "post_attention_layernorm", "mlp")
+ROUTED_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+
+class Routed(nn.Module):
+    """A module and its writing copy: each token of a [B, T, ...] input goes through the one its route names."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base, self.write = base, copy.deepcopy(base)
+        self.plan = None  # (tokens, base indices, write indices) for this forward, set by the block's pre-hook
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plan is None:
+            return self.base(x)
+        n, base_idx, write_idx = self.plan
+        if not len(write_idx):
+            return self.base(x)
+        if not len(base_idx):
+            return self.write(x)
+        lead, flat = x.shape[:2], x.reshape(n, *x.shape[2:])
+        y_base, y_write = self.base(flat[base_idx]), self.write(flat[write_idx])
+        out = y_base.new_empty((n, *y_base.shape[1:]))
+        out[base_idx], out[write_idx] = y_base, y_write
+        return out.view(*lead, *y_base.shape[1:])
+
+
+def add_write_expert(blocks: nn.ModuleList) -> None:
+    """Give every block a writing copy of its norms, attention projections and MLP (started equal)."""
+    for block in blocks:
+        for name in ROUTED:
+            setattr(block, name, Routed(getattr(block, name)))
+        for name in ROUTED_ATTENTION:
+            if hasattr(block.self_attn, name):
+                setattr(block.self_attn, name, Routed(getattr(block.self_attn, name)))
+        block.register_forward_pre_hook(_plan_routes, with_kwargs=True)
+        block.register_forward_hook(_drop_plans)
+
+
+def has_write_expert(module: nn.Module) -> bool:
+    return any(isinstance(m, Routed) for m in module.modules())
+
+
+def write_route(input_ids: torch.Tensor, read_span: torch.Tensor, layout: dict) -> torch.Tensor:
+    """[B, T] bool: the tokens of images the model writes - image codes and <boi> outside every read span."""
+    lo = layout["code_offset"]
+    image = ((input_ids >= lo) & (input_ids < lo + layout["num_codes"])) | (input_ids == layout["boi"])
+    return image & (read_span == 0)
+
+
+def _routed(block: nn.Module):
+    return [m for m in block.modules() if isinstance(m, Routed)]
+
+
+def _plan_routes(block: nn.Module, args: tuple, kwargs: dict):
+    route = kwargs.pop("route", None)
+    plan = None
+    if route is not None:
+        flat = route.reshape(-1).bool()
+        plan = (flat.numel(), (~flat).nonzero()[:, 0], flat.nonzero()[:, 0])
+    for m in _routed(block):
+        m.plan = plan
+    return args, kwargs
+
+
+def _drop_plans(block: nn.Module, args: tuple, out):
+    for m in _routed(block):
+        m.plan = None
