@@ -17,6 +17,7 @@ pre-hook turns into index lists on the block's routed modules (as Decoder's `lay
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -56,8 +57,9 @@ def add_write_expert(blocks: nn.ModuleList) -> None:
         for name in ROUTED_ATTENTION:
             if hasattr(block.self_attn, name):
                 setattr(block.self_attn, name, Routed(getattr(block.self_attn, name)))
-        block.register_forward_pre_hook(_plan_routes, with_kwargs=True)
-        block.register_forward_hook(_drop_plans)
+        routed = [m for m in block.modules() if isinstance(m, Routed)]  # found once, not in every forward
+        block.register_forward_pre_hook(functools.partial(_plan_routes, routed), with_kwargs=True)
+        block.register_forward_hook(functools.partial(_drop_plans, routed))
 
 
 def has_write_expert(module: nn.Module) -> bool:
@@ -71,21 +73,17 @@ def write_route(input_ids: torch.Tensor, read_span: torch.Tensor, layout: dict) 
     return image & (read_span == 0)
 
 
-def _routed(block: nn.Module):
-    return [m for m in block.modules() if isinstance(m, Routed)]
-
-
-def _plan_routes(block: nn.Module, args: tuple, kwargs: dict):
+def _plan_routes(routed: list[Routed], block: nn.Module, args: tuple, kwargs: dict):
     route = kwargs.pop("route", None)
     plan = None
     if route is not None:
         flat = route.reshape(-1).bool()
         plan = (flat.numel(), (~flat).nonzero()[:, 0], flat.nonzero()[:, 0])
-    for m in _routed(block):
+    for m in routed:
         m.plan = plan
     return args, kwargs
 
 
-def _drop_plans(block: nn.Module, args: tuple, out):
-    for m in _routed(block):
+def _drop_plans(routed: list[Routed], block: nn.Module, args: tuple, out):
+    for m in routed:
         m.plan = None
