@@ -69,6 +69,23 @@ class FusionModule(ScheduledTraining, L.LightningModule):
     def extra_flops(self, batch) -> float:
         return 0.0
 
+    fork_steps: tuple[int, ...] = ()  # fusion.train sets it from task_phases' fork_expert
+    _forked_at: int | None = None
+
+    def on_train_batch_start(self, batch, batch_idx):
+        step = self.trainer.global_step  # a resumed run past the step has the forked weights in its checkpoint
+        if step in self.fork_steps and self._forked_at != step:  # once, not for every accumulated micro-batch
+            from fusion.experts import fork_write_expert
+
+            self._forked_at = step
+            forked = fork_write_expert(self.decoder)
+            for opt in self.trainer.optimizers:  # the copies' moments described the weights they no longer are
+                for inner in (opt, *(getattr(opt, k) for k in ("muon", "adamw") if hasattr(opt, k))):
+                    for p in forked:
+                        inner.state.pop(p, None)
+            print(f"step {step}: the writing expert restarts as a copy of the shared weights "
+                  f"({sum(p.numel() for p in forked):,} parameters)", flush=True)
+
     def on_train_start(self):
         self.first_step = self.trainer.global_step  # > 0 when resumed: this process's speed counts from here
 

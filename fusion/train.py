@@ -178,16 +178,19 @@ def compile_wanted(setting, max_steps: int | None, strategy: str = "auto") -> bo
     raise UserError(f"train.compile must be true, false or auto, got {setting!r}")
 
 
-def task_phases(phases, max_steps: int | None) -> tuple[tuple[int, dict[str, float], int], ...]:
-    """conf `task_phases` ([{at, tasks, curriculum}, ...]) -> ((step, weights, curriculum steps), ...). `at` is a
-    step (an integer >= 1) or a fraction of trainer.max_steps (0 < at < 1), so a phase scales with the run's length;
-    `tasks` replaces the whole mix; `curriculum` (optional, steps): the phase's first that many steps draw only
-    scenes of at most curriculum.max_objects objects again (a new mix meets small scenes first)."""
+def task_phases(phases, max_steps: int | None) -> tuple[tuple[int, dict[str, float], int, bool], ...]:
+    """conf `task_phases` ([{at, tasks, curriculum, fork_expert}, ...]) -> ((step, weights, curriculum steps,
+    fork), ...). `at` is a step (an integer >= 1) or a fraction of trainer.max_steps (0 < at < 1), so a phase scales
+    with the run's length; `tasks` replaces the whole mix; `curriculum` (optional, steps): the phase's first that
+    many steps draw only scenes of at most curriculum.max_objects objects again (a new mix meets small scenes
+    first); `fork_expert` (optional, decoder.write_expert only): the writing copy restarts as a copy of the shared
+    weights at the phase's first step (fusion.experts.fork_write_expert)."""
     out = []
     for i, phase in enumerate(phases or []):
-        if not hasattr(phase, "keys") or not {"at", "tasks"} <= set(phase) <= {"at", "tasks", "curriculum"}:
+        if not hasattr(phase, "keys") or not {"at", "tasks"} <= set(phase) <= {"at", "tasks", "curriculum", "fork_expert"}:
             got = sorted(phase) if hasattr(phase, "keys") else repr(phase)
-            raise UserError(f"task_phases[{i}] needs the keys at and tasks (and optionally curriculum), got {got}")
+            raise UserError(f"task_phases[{i}] needs the keys at and tasks (and optionally curriculum, fork_expert), "
+                            f"got {got}")
         at = phase["at"]
         if isinstance(at, float) and 0 < at < 1:
             if not max_steps or max_steps < 0:
@@ -202,7 +205,10 @@ def task_phases(phases, max_steps: int | None) -> tuple[tuple[int, dict[str, flo
         steps = phase.get("curriculum", 0)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise UserError(f"task_phases[{i}].curriculum must be a number of steps >= 0, got {steps!r}")
-        out.append((at, {k: float(v) for k, v in tasks.items()}, steps))
+        fork = phase.get("fork_expert", False)
+        if not isinstance(fork, bool):
+            raise UserError(f"task_phases[{i}].fork_expert must be true or false, got {fork!r}")
+        out.append((at, {k: float(v) for k, v in tasks.items()}, steps, fork))
     return tuple(out)
 
 
@@ -218,8 +224,8 @@ def task_mix(cfg: DictConfig) -> TaskMix:
                        curriculum_step_documents=int(curriculum.get("step_documents", 0)),
                        question_first=bool(cfg.get("question_first")), extra_qa=tuple(cfg.get("extra_qa") or ()),
                        describe_first=bool(cfg.get("describe_first")), restate_referent=bool(cfg.get("restate_referent")),
-                       phases=tuple((at, weights) for at, weights, _ in phases),
-                       curriculum_windows=tuple((at, at + steps) for at, _, steps in phases if steps))
+                       phases=tuple((at, weights) for at, weights, _, _ in phases),
+                       curriculum_windows=tuple((at, at + steps) for at, _, steps, _ in phases if steps))
     except ValueError as e:
         raise UserError(str(e)) from e
 
@@ -228,6 +234,9 @@ def train(cfg: DictConfig) -> dict:
     run_dir = run_dir_of(cfg)
     save_resolved_config(cfg, run_dir)
     mix = task_mix(cfg)
+    fork_steps = tuple(at for at, _, _, fork in task_phases(cfg.get("task_phases"), cfg.trainer.max_steps) if fork)
+    if fork_steps and not cfg.decoder.get("write_expert"):
+        raise UserError("task_phases' fork_expert needs decoder.write_expert=true (there is no writing copy to fork)")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     codes, tokenizer_dir, tok_meta = code_source(cfg)
     if cfg.get("resume") and (run_dir / "vocab" / "vocab.json").is_file():
@@ -239,8 +248,12 @@ def train(cfg: DictConfig) -> dict:
     t = cfg.train
     module = build_module(cfg, vocab, run_dir, tok_meta["config"])
     module.compile_training = compile_wanted(t.get("compile", False), cfg.trainer.max_steps, cfg.trainer.get("strategy", "auto"))
-    if module.decoder.cfg.write_expert:  # data-dependent routing would break the graph in every block
+    if module.decoder.cfg.write_expert and module.compile_training:  # data-dependent routing breaks the graph
+        if t.get("compile") is True:  # asked for explicitly: say why it is not honoured (auto stays quiet)
+            print("note: decoder.write_expert trains without torch.compile (its routing breaks the graph in every "
+                  "block); train_summary.json says compiled: false", flush=True)
         module.compile_training = False
+    module.fork_steps = fork_steps
     if cfg.arm == "fusion" and "pixels" in module.decoder.cfg.code_features:
         from fusion.decoder import code_pixel_features
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.runtime import UserError
-from fusion.experts import Routed
+from fusion.experts import Routed, fork_write_expert
 from fusion.generate import Generator, SamplingConfig
 from fusion.sequences import Segment, pack, tokenize
 from tests.conftest import run_module
@@ -64,6 +64,9 @@ def test_started_equal_it_is_the_plain_decoder_and_its_copy_moves_only_the_writt
     first_written = int(route.nonzero()[0])
     torch.testing.assert_close(a[:first_written], b[:first_written])  # the read document and the caption
     assert (a[first_written:] - b[first_written:]).abs().max() > 1e-2
+    forked = fork_write_expert(expert)  # the copy restarts from the shared weights: the plain function again
+    assert len(forked) == sum(1 for m in expert.modules() if isinstance(m, Routed) for _ in m.write.parameters())
+    torch.testing.assert_close(expert(**args).logits, plain(**args).logits)
     with pytest.raises(ValueError, match="write_expert needs image_layout"):
         tiny_decoder(vocab, write_expert=True)
 
@@ -126,10 +129,14 @@ def test_a_write_expert_run_trains_reloads_samples_and_refuses_export(tiny_codes
     from tests.fusion.test_train import TINY
 
     run = tmp_path / "run"
-    run_module("fusion.train", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
-               "decoder.write_expert=true", "curves.gain_images=4", "curves.vqa_images=2", "curves.judge_per_type=1")
+    proc = run_module("fusion.train", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
+                      "decoder.write_expert=true", "train.compile=true", "curves.gain_images=4", "curves.vqa_images=2",
+                      "curves.judge_per_type=1", "task_phases=[{at:12,tasks:{t2i:0.5,vqa:0.5},fork_expert:true}]")
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["steps"] == 16 and not summary["compiled"]  # routing trains eagerly
+    assert summary["steps"] == 16 and not summary["compiled"]  # routing trains eagerly, and says so when asked
+    assert "write_expert trains without torch.compile" in proc.stdout
+    assert proc.stdout.count("the writing expert restarts as a copy of the shared weights") == 1
+    assert "step 12: the writing expert restarts" in proc.stdout
     bundle = load_bundle(run / "model")
     assert bundle.decoder.cfg.write_expert
     names = [n for n, _ in bundle.decoder.named_parameters()]

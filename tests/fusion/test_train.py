@@ -303,13 +303,15 @@ def test_task_phases_read_steps_or_fractions_of_the_run_and_reject_the_rest():
     assert task_phases([], 100) == () and task_phases(None, 100) == ()
     assert task_phases([{"at": 0.6, "tasks": {"vqa": 1}}, {"at": 90, "tasks": {"t2i": 0.5, "vqa": 0.5},
                                                            "curriculum": 5}], 100) == (
-        (60, {"vqa": 1.0}, 0), (90, {"t2i": 0.5, "vqa": 0.5}, 5))
+        (60, {"vqa": 1.0}, 0, False), (90, {"t2i": 0.5, "vqa": 0.5}, 5, False))
+    assert task_phases([{"at": 7, "tasks": {"vqa": 1}, "fork_expert": True}], None)[0][3] is True
     for bad, match in (([{"at": 0, "tasks": {"vqa": 1}}], "step >= 1"), ([{"at": 1.5, "tasks": {"vqa": 1}}], "step >= 1"),
                        ([{"at": 10}], "keys at and tasks"), ([{"at": 0.5, "tasks": {"vqa": 1}}], "max_steps"),
                        (["vqa"], "keys at and tasks"), ([{"at": 10, "tasks": "vqa"}], "map task names to weights"),
                        ([{"at": 10, "tasks": {"vqa": "lots"}}], "map task names to weights"),
                        ([{"at": 10, "tasks": {"vqa": 1}, "curriculum": -1}], "number of steps"),
-                       ([{"at": 10, "tasks": {"vqa": 1}, "warmup": 5}], "keys at and tasks")):
+                       ([{"at": 10, "tasks": {"vqa": 1}, "warmup": 5}], "keys at and tasks"),
+                       ([{"at": 10, "tasks": {"vqa": 1}, "fork_expert": "yes"}], "true or false")):
         with pytest.raises(UserError, match=match):
             task_phases(bad, None if match == "max_steps" else 100)
 
@@ -318,4 +320,8 @@ def test_a_task_phase_with_an_unknown_task_fails_in_one_line_before_any_work(tmp
     proc = run_module("fusion.train", f"codes={tmp_path}", f"run_dir={tmp_path / 'run'}",
                       "task_phases=[{at:10,tasks:{draw:1.0}}]", check=False)
     assert proc.returncode == 2 and "unknown tasks ['draw']" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    proc = run_module("fusion.train", f"codes={tmp_path}", f"run_dir={tmp_path / 'run'}",
+                      "task_phases=[{at:10,tasks:{vqa:1.0},fork_expert:true}]", check=False)
+    assert proc.returncode == 2 and "fork_expert needs decoder.write_expert=true" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
