@@ -212,10 +212,10 @@ def task_phases(phases, max_steps: int | None) -> tuple[tuple[int, dict[str, flo
     return tuple(out)
 
 
-def task_mix(cfg: DictConfig) -> TaskMix:
-    """The training documents' mix, from the conf; a mix it cannot make fails in one line."""
+def task_mix(cfg: DictConfig, phases: tuple) -> TaskMix:
+    """The training documents' mix, from the conf and its `task_phases` (parsed); a mix it cannot make fails in
+    one line."""
     curriculum = cfg.get("curriculum") or {}
-    phases = task_phases(cfg.get("task_phases"), cfg.trainer.max_steps)
     try:
         return TaskMix(weights=dict(cfg.tasks), cond_dropout=cfg.cond_dropout, max_qa=cfg.get("max_qa", 12),
                        caption_template=cfg.get("caption_template"), read_image_loss=bool(cfg.get("read_image_loss")),
@@ -233,8 +233,9 @@ def task_mix(cfg: DictConfig) -> TaskMix:
 def train(cfg: DictConfig) -> dict:
     run_dir = run_dir_of(cfg)
     save_resolved_config(cfg, run_dir)
-    mix = task_mix(cfg)
-    fork_steps = tuple(at for at, _, _, fork in task_phases(cfg.get("task_phases"), cfg.trainer.max_steps) if fork)
+    phases = task_phases(cfg.get("task_phases"), cfg.trainer.max_steps)
+    mix = task_mix(cfg, phases)
+    fork_steps = tuple(at for at, _, _, fork in phases if fork)
     if fork_steps and not cfg.decoder.get("write_expert"):
         raise UserError("task_phases' fork_expert needs decoder.write_expert=true (there is no writing copy to fork)")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
