@@ -87,6 +87,7 @@ class FusionModule(ScheduledTraining, L.LightningModule):
                   f"({sum(p.numel() for p in forked):,} parameters)", flush=True)
 
     def on_train_start(self):
+        super().on_train_start()  # starts the schedule's clock (wall-time budgets, curves' minutes)
         self.first_step = self.trainer.global_step  # > 0 when resumed: this process's speed counts from here
 
     def on_train_batch_end(self, outputs, batch, batch_idx):

@@ -55,6 +55,17 @@ def test_a_finished_run_continues_under_a_new_task_phase(trained, tiny_codes, sh
 
 
 @pytest.mark.slow
+def test_a_time_budget_ends_training_when_spent(tiny_codes, shapes_root, tmp_path):
+    """train.time_budget_min: the cosine runs over wall time and training stops when it is spent, far short of
+    max_steps (a regression once left the clock unstarted, so the budget was silently ignored)."""
+    run = tmp_path / "run"
+    run_module("fusion.train", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
+               "trainer.max_steps=2000", "train.time_budget_min=0.1", "trainer.val_check_interval=2000")
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert 0 < summary["steps"] < 2000  # 6 s of the tiny model is far short of 2,000 steps
+
+
+@pytest.mark.slow
 def test_sample_command_writes_images_and_interleaved_output(trained, tmp_path):
     run_module("fusion.sample", f"model_dir={trained / 'model'}", f"run_dir={tmp_path / 's'}", "n=2",
                "prompts=['A picture of a red circle.','A picture of two blue squares.']")
@@ -126,6 +137,7 @@ def test_every_recipe_switch_trains_and_curves_are_drawn(tiny_fsq_codes, shapes_
     assert summary["steps"] == 16 and summary["compiled"]  # trained through torch.compile, no fallback
     curves = json.loads((run / "curves.json").read_text())
     assert [p["step"] for p in curves] == [8, 16]
+    assert 0 < curves[0]["minutes"] < curves[1]["minutes"]  # the schedule's clock runs (it once never started)
     for key in ("caption_gain", "caption_gain_fraction", "vqa_colour", "judge_single", "judge_attr_colour", "tokens"):
         assert key in curves[-1], key
     assert (run / "curves.png").is_file()
