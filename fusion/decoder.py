@@ -232,6 +232,11 @@ class Decoder(nn.Module):
             if cfg.image_pos_embed and rows.weight.shape == self.image_rows.weight.shape:
                 self.image_rows.weight.data.copy_(rows.weight.data)
                 self.image_cols.weight.data.copy_(cols.weight.data)
+        export_values = None
+        if hasattr(self.lm, "value_rows"):  # the export's value tables: ours below when shapes agree (its hooks
+            export_values = (self.lm.value_rows, self.lm.value_cols)  # stay idle: this module passes embeddings)
+            del self.lm.value_rows, self.lm.value_cols
+            self.lm.config.image_pos_values = False
         if cfg.code_features:
             from torch.nn.utils import parametrize
 
@@ -251,6 +256,10 @@ class Decoder(nn.Module):
                         e.weight[0].zero_()  # index 0: not an image code
                 else:
                     nn.init.zeros_(e.weight)
+            if export_values is not None:  # started from an export that has them: its tables are ours
+                for theirs, ours in zip(export_values, (self.value_rows, self.value_cols)):
+                    if len(theirs) == len(ours) and theirs[0].weight.shape == ours[0].weight.shape:
+                        ours.load_state_dict(theirs.state_dict())
             for i, block in enumerate(blocks):  # fed by the keyword `layer_cells` (Decoder.layer_cells)
                 block.register_forward_pre_hook(functools.partial(_stash_value_pos, self, i), with_kwargs=True)
                 block.self_attn.v_proj.register_forward_hook(_add_value_pos)

@@ -56,9 +56,6 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
                         "features come from a vision tower a causal LM folder cannot hold)")
     if not dec.cfg.qk_norm:
         raise UserError("export writes the QK-norm (Qwen3) decoder; this one was trained with decoder.qk_norm=false")
-    if dec.cfg.image_pos_values:
-        raise UserError("export writes 2-D positions at the input only; this decoder adds them to every block's "
-                        "attention values (decoder.image_pos_values=true)")
     if dec.cfg.image_pos_every_layer:
         raise UserError("export writes 2-D positions at the input only; this decoder adds them before every block "
                         "(decoder.image_pos_every_layer=true)")
@@ -71,6 +68,7 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
         base.pop(k, None)
     layout = {**vocab.image_layout(), "eoi": vocab.eoi, "eol": vocab.eol}
     cfg = VQFusionConfig(image_layout=layout, image_pos_embed=dec.cfg.image_pos_embed, read_attention=dec.cfg.read_attention,
+                         image_pos_values=dec.cfg.image_pos_values,
                          bos_token_id=vocab.bos, eos_token_id=vocab.eos, pad_token_id=vocab.pad, **base)
     cfg.architectures = [VQFusionForCausalLM.__name__]
     model = VQFusionForCausalLM(cfg)
@@ -78,6 +76,9 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
     state["model.embed_tokens.weight"], state["lm_head.weight"] = dec.plain_tables()  # code features folded in
     if dec.cfg.image_pos_embed:
         state["image_rows.weight"], state["image_cols.weight"] = dec.image_rows.weight, dec.image_cols.weight
+    if dec.cfg.image_pos_values:
+        for name in ("value_rows", "value_cols"):
+            state.update({f"{name}.{i}.weight": e.weight for i, e in enumerate(getattr(dec, name))})
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -108,13 +109,15 @@ def model_card(model_dir: str | Path, bundle, cfg: VQFusionConfig) -> str:
             f"- judge pass rate (text-to-image): {gen['pass_rate']:.0%} — " +
             ", ".join(f"{k} {x:.0%}" for k, x in gen["per_type"].items()) if gen else "",
             f"- caption information gain: {gain['gain_vs_empty']:.1f} nats per image" if gain else ""]))
+    values = (", and every block adds per-block row and column tables to their attention values "
+              "(`image_pos_values`)") if d.image_pos_values else ""
     return f"""# vqfusion early-fusion model
 
 One decoder-only transformer (Qwen3 attention with QK-norm, {d.num_layers} layers, hidden {d.hidden_size}) over
 one vocabulary: {v.text_size} text tokens, {len(SPECIALS)} specials ({", ".join(SPECIALS)}) and {v.num_codes}
 image codes (`<code_0>` …). An image is `<boi>`, {v.layout.grid} rows of {v.layout.grid} codes
 {"each closed by `<eol>`" if v.layout.row_separator else "(no row-end tokens)"}, `<eoi>`; image codes also get a
-learned row and column embedding (`image_pos_embed`). `image_tokenizer/` turns a {v.layout.grid}×{v.layout.grid}
+learned row and column embedding (`image_pos_embed`){values}. `image_tokenizer/` turns a {v.layout.grid}×{v.layout.grid}
 code grid into pixels (`tokenizer.checkpoint.load_tokenizer` in the vqfusion project).
 
 Exported from `{model_dir}` by `python -m fusion.export`.

@@ -3,11 +3,12 @@
 is downloaded and no remote code runs).
 
 It is Qwen3 (QK-norm attention) with one addition: the 2-D position of each image code, a learned row and a
-learned column embedding added to the code's input embedding. The cells are read off the token sequence
-(`fusion.decoder.grid_cells`); when a forward sees only the newest tokens (generation with a KV cache, also
-the unconditional stream of transformers' classifier-free guidance), the ids seen so far ride on the cache
-object. Code features (FSQ levels, decoded pixels) are folded into plain embedding and head tables by the
-export, so the model here needs nothing but its weights. A model trained with `read_attention: bidirectional`
+learned column embedding added to the code's input embedding (and, for a model trained with
+`decoder.image_pos_values`, per-block row and column tables added to the codes' attention values). The cells
+are read off the token sequence (`fusion.decoder.grid_cells`); when a forward sees only the newest tokens
+(generation with a KV cache, also the unconditional stream of transformers' classifier-free guidance), the ids
+seen so far ride on the cache object. Code features (FSQ levels, decoded pixels) are folded into plain
+embedding and head tables by the export, so the model here needs nothing but its weights. A model trained with `read_attention: bidirectional`
 reads the complete images of its prompt both ways: the prefill builds that mask (`fusion.decoder.read_spans`),
 every later token is causal, as in the project's sampler.
 
@@ -34,19 +35,22 @@ SEEN = "vqfusion_seen_ids"  # the ids a cache has seen, so a forward over only t
 
 
 class VQFusionConfig(Qwen3Config):
-    """Qwen3's config plus the image layout (boi id, code id range, grid, row length) and whether image codes
-    get 2-D position embeddings."""
+    """Qwen3's config plus the image layout (boi id, code id range, grid, row length), whether image codes
+    get 2-D position embeddings, and whether every block adds them to the codes' attention values too."""
 
     model_type = MODEL_TYPE
 
     def __init__(self, image_layout: dict | None = None, image_pos_embed: bool = False,
-                 read_attention: str = "causal", **kwargs):
+                 read_attention: str = "causal", image_pos_values: bool = False, **kwargs):
         self.image_layout = image_layout
         self.image_pos_embed = image_pos_embed
+        self.image_pos_values = image_pos_values
         self.read_attention = read_attention
         super().__init__(**kwargs)
         if image_pos_embed and not image_layout:
             raise ValueError("image_pos_embed needs image_layout")
+        if image_pos_values and not image_pos_embed:
+            raise ValueError("image_pos_values needs image_pos_embed")
 
 
 class VQFusionForCausalLM(Qwen3ForCausalLM):
@@ -58,6 +62,12 @@ class VQFusionForCausalLM(Qwen3ForCausalLM):
             grid = config.image_layout["grid"]
             self.image_rows = nn.Embedding(grid + 1, config.hidden_size, padding_idx=0)
             self.image_cols = nn.Embedding(grid + 1, config.hidden_size, padding_idx=0)
+        if config.image_pos_values:  # per block, added to its v_proj's output (fusion.decoder's value positions)
+            grid, width = config.image_layout["grid"], config.num_key_value_heads * config.head_dim
+            self.value_rows = nn.ModuleList(nn.Embedding(grid + 1, width, padding_idx=0) for _ in self.model.layers)
+            self.value_cols = nn.ModuleList(nn.Embedding(grid + 1, width, padding_idx=0) for _ in self.model.layers)
+            for layer in self.model.layers:
+                layer.self_attn.v_proj.register_forward_hook(_add_export_value_pos)
         self.post_init()
 
     @classmethod
@@ -90,17 +100,29 @@ class VQFusionForCausalLM(Qwen3ForCausalLM):
                 one_doc = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
                 attention_mask = read_mask(one_doc, spans, valid=valid)
         if inputs_embeds is None and input_ids is not None:
-            if self.config.image_pos_embed and image_cells is None:
+            if (self.config.image_pos_embed or self.config.image_pos_values) and image_cells is None:
                 past = getattr(cache, SEEN, None) if cache is not None and cache.get_seq_length() > 0 else None
                 seen = input_ids if past is None else torch.cat([past, input_ids], dim=1)
                 image_cells = grid_cells(seen, self.config.image_layout)[:, -input_ids.shape[1]:]
             inputs_embeds, input_ids = self.embed(input_ids, image_cells), None
+        if self.config.image_pos_values and image_cells is not None:  # each block's v_proj hook takes its own
+            for i, layer in enumerate(self.model.layers):
+                layer.self_attn.v_proj.export_value_pos = (self.value_rows[i](image_cells[..., 0])
+                                                           + self.value_cols[i](image_cells[..., 1]))
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                               logits_to_keep=logits_to_keep, **kwargs)
         if seen is not None and out.get("cache") is not None:
             setattr(out["cache"], SEEN, seen)
         return out
+
+
+def _add_export_value_pos(v_proj: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a block's v_proj (`image_pos_values`): its output plus the value positions this forward
+    left on it, dropped once used. (The attribute is not fusion.decoder's, so a Decoder started from an export
+    with its own value tables adds them once.)"""
+    pos, v_proj.export_value_pos = getattr(v_proj, "export_value_pos", None), None
+    return out if pos is None else out + pos.to(out.dtype)
 
 
 def check_export(path: Path) -> None:

@@ -147,7 +147,7 @@ def test_every_recipe_switch_trains_and_curves_are_drawn(tiny_fsq_codes, shapes_
     assert bundle.restate_referent and bundle.decoder.cfg.image_pos_values_std == 0.1
     from fusion.export import export
 
-    with pytest.raises(UserError, match="attention values"):  # transformers' blocks have no value positions
+    with pytest.raises(UserError, match="before every block"):  # transformers' blocks add no input positions
         export(run / "model", tmp_path / "export")
     pixels = code_rows(bundle.decoder.embed_tokens).features["pixels"]
     assert pixels.shape == (64, 3 * 4 * 4) and pixels.abs().sum() > 0  # what the codes look like, saved
@@ -292,6 +292,51 @@ def test_export_of_a_bidirectional_reader_reads_its_prompt_image_as_the_project_
     gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=len(want),
                          suppress_tokens=[i for i in range(v.size) if i not in allowed])  # reading: text or <eos>
     assert gen[0, ids.shape[1]:].tolist() == want
+
+
+def test_export_of_value_positions_computes_what_the_decoder_does(trained, tmp_path):
+    """decoder.image_pos_values survives the export: the per-block row / column tables on image codes' attention
+    values give the same logits, the same greedy image through generate()'s KV cache (with and without
+    transformers' CFG), and the same function again when training starts from the export (init_from)."""
+    import numpy as np
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+    from fusion.checkpoint import save_bundle
+    from fusion.decoder import Decoder, DecoderConfig
+    from fusion.hf import ImageGridLogitsProcessor
+
+    bundle = load_bundle(trained / "model")
+    v = bundle.vocab
+    torch.manual_seed(0)
+    dec = Decoder(replace(bundle.decoder.cfg, image_pos_values=True, image_pos_values_std=0.3), v.size).eval()
+    missing, _ = dec.load_state_dict(bundle.decoder.state_dict(), strict=False)
+    assert missing and all(k.startswith(("value_rows", "value_cols")) for k in missing)
+    save_bundle(tmp_path / "model", dec, v, trained / "model" / "image_tokenizer")
+    out = tmp_path / "export"
+    run_module("fusion.export", f"model_dir={tmp_path / 'model'}", f"out={out}")
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert model.config.image_pos_values and "attention values" in (out / "README.md").read_text()
+    codes = np.random.default_rng(2).integers(0, v.num_codes, (2, v.layout.grid, v.layout.grid))
+    ids = torch.tensor([[v.bos, *v.encode_text("A red circle."), *v.encode_image(codes[0]), *v.encode_text("Q: A:"),
+                         *v.encode_image(codes[1]), v.eos]])
+    with torch.no_grad():
+        ours = dec(input_ids=ids).logits
+        assert not torch.allclose(ours, bundle.decoder(input_ids=ids).logits, atol=1e-3)  # the tables matter
+        assert torch.allclose(model(input_ids=ids).logits, ours, atol=1e-5)
+        again = Decoder(DecoderConfig(**{**dec.cfg.to_dict(), "init_from": str(out)}), v.size).eval()
+        assert torch.allclose(again(input_ids=ids).logits, ours, atol=1e-5)
+        assert not hasattr(again.lm, "value_rows")  # the export's tables became the decoder's, not a second copy
+    prompt = [v.bos, *v.encode_text("A picture of a red circle."), v.boi]
+    for scale in (1.0, 3.0):
+        want = Generator(dec, v).generate([prompt], SamplingConfig(temperature=0, cfg_scale=scale,
+                                                                   max_new_tokens=v.layout.span_len))[0]
+        x = torch.tensor([prompt])
+        guidance = {"guidance_scale": scale, "negative_prompt_ids": torch.tensor([[v.bos, v.boi]])} if scale != 1 else {}
+        got = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=v.layout.span_len - 1,
+                             logits_processor=LogitsProcessorList([ImageGridLogitsProcessor(model.config)]), **guidance)
+        assert got[0, x.shape[1]:].tolist() == want[:v.layout.span_len - 1]
 
 
 def test_export_refuses_what_it_cannot_write_in_one_line(tmp_path):
