@@ -373,10 +373,12 @@ def _stash_value_pos(decoder: Decoder, i: int, block: nn.Module, args: tuple, kw
     return args, kwargs
 
 
-def _add_value_pos(v_proj: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    """Forward hook of a block's v_proj: its output plus the value positions left by `_stash_value_pos`, which
-    are dropped once used (no tensor of this forward outlives it)."""
-    pos, v_proj.value_pos = getattr(v_proj, "value_pos", None), None
+def _add_value_pos(v_proj: nn.Module, args: tuple, out: torch.Tensor, attr: str = "value_pos") -> torch.Tensor:
+    """Forward hook of a block's v_proj: its output plus the value positions left on it under `attr` (by
+    `_stash_value_pos`; fusion.hf's exported model uses its own name), dropped once used (no tensor of this
+    forward outlives it)."""
+    pos = getattr(v_proj, attr, None)
+    setattr(v_proj, attr, None)
     return out if pos is None else out + pos.to(out.dtype)
 
 

@@ -8,9 +8,9 @@ learned column embedding added to the code's input embedding (and, for a model t
 are read off the token sequence (`fusion.decoder.grid_cells`); when a forward sees only the newest tokens
 (generation with a KV cache, also the unconditional stream of transformers' classifier-free guidance), the ids
 seen so far ride on the cache object. Code features (FSQ levels, decoded pixels) are folded into plain
-embedding and head tables by the export, so the model here needs nothing but its weights. A model trained with `read_attention: bidirectional`
-reads the complete images of its prompt both ways: the prefill builds that mask (`fusion.decoder.read_spans`),
-every later token is causal, as in the project's sampler.
+embedding and head tables by the export, so the model here needs nothing but its weights. A model trained with
+`read_attention: bidirectional` reads the complete images of its prompt both ways: the prefill builds that mask
+(`fusion.decoder.read_spans`), every later token is causal, as in the project's sampler.
 
 `ImageGridLogitsProcessor` is the sampler's grid constraint for `generate()`: inside an image span exactly
 the layout's token may come next (a code, <eol>, <eoi>); outside one, no code, <eol> or <eoi>.
@@ -18,6 +18,7 @@ the layout's token may come next (a code, <eol>, <eoi>); outside one, no code, <
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -27,11 +28,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3For
 
 from data.runtime import UserError
 from fusion.decoder import attention_mask as read_mask
-from fusion.decoder import grid_cells, read_spans
+from fusion.decoder import _add_value_pos, grid_cells, read_spans
 from fusion.vocab import ImageLayout
 
 MODEL_TYPE = "vqfusion"
 SEEN = "vqfusion_seen_ids"  # the ids a cache has seen, so a forward over only the newest tokens can place them
+VALUE_POS = "vqfusion_value_pos"  # what this forward adds to a block's v_proj output (`image_pos_values`)
 
 
 class VQFusionConfig(Qwen3Config):
@@ -66,8 +68,9 @@ class VQFusionForCausalLM(Qwen3ForCausalLM):
             grid, width = config.image_layout["grid"], config.num_key_value_heads * config.head_dim
             self.value_rows = nn.ModuleList(nn.Embedding(grid + 1, width, padding_idx=0) for _ in self.model.layers)
             self.value_cols = nn.ModuleList(nn.Embedding(grid + 1, width, padding_idx=0) for _ in self.model.layers)
-            for layer in self.model.layers:
-                layer.self_attn.v_proj.register_forward_hook(_add_export_value_pos)
+            for layer in self.model.layers:  # its own attribute, not fusion.decoder's: a Decoder started from
+                # this export, with its own value tables and hooks, adds the positions once
+                layer.self_attn.v_proj.register_forward_hook(functools.partial(_add_value_pos, attr=VALUE_POS))
         self.post_init()
 
     @classmethod
@@ -107,22 +110,14 @@ class VQFusionForCausalLM(Qwen3ForCausalLM):
             inputs_embeds, input_ids = self.embed(input_ids, image_cells), None
         if self.config.image_pos_values and image_cells is not None:  # each block's v_proj hook takes its own
             for i, layer in enumerate(self.model.layers):
-                layer.self_attn.v_proj.export_value_pos = (self.value_rows[i](image_cells[..., 0])
-                                                           + self.value_cols[i](image_cells[..., 1]))
+                setattr(layer.self_attn.v_proj, VALUE_POS,
+                        self.value_rows[i](image_cells[..., 0]) + self.value_cols[i](image_cells[..., 1]))
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                               logits_to_keep=logits_to_keep, **kwargs)
         if seen is not None and out.get("cache") is not None:
             setattr(out["cache"], SEEN, seen)
         return out
-
-
-def _add_export_value_pos(v_proj: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    """Forward hook of a block's v_proj (`image_pos_values`): its output plus the value positions this forward
-    left on it, dropped once used. (The attribute is not fusion.decoder's, so a Decoder started from an export
-    with its own value tables adds them once.)"""
-    pos, v_proj.export_value_pos = getattr(v_proj, "export_value_pos", None), None
-    return out if pos is None else out + pos.to(out.dtype)
 
 
 def check_export(path: Path) -> None:
