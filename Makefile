@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/python -m fusion.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

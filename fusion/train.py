@@ -297,8 +297,9 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resume_checkpoint(cfg.get("resume"), run_dir, expect={"vocab_fingerprint": vocab.fingerprint(),
                                                                       "decoder": module.hparams.decoder})
     start = time.time()
+    data_seed = cfg.seed if cfg.get("data_seed") is None else cfg.data_seed  # the stream's shuffle and draws
     train_data = train_loader(sources[0], lambda seed, clock: sequence_stages(
-        vocab, cfg.seq_len, t.batch_size, mix, seed=f"{cfg.seed}/{seed}", shuffle_buffer=t.shuffle_buffer,
+        vocab, cfg.seq_len, t.batch_size, mix, seed=f"{data_seed}/{seed}", shuffle_buffer=t.shuffle_buffer,
         partial=False, clock=clock, **extra), t.num_workers, steps=lambda: trainer.global_step, clocked=True)
     trainer.fit(module, train_dataloaders=train_data, val_dataloaders=make_loader(val_data), ckpt_path=ckpt_path)
     elapsed = time.time() - start

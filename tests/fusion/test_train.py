@@ -55,6 +55,26 @@ def test_a_finished_run_continues_under_a_new_task_phase(trained, tiny_codes, sh
 
 
 @pytest.mark.slow
+def test_data_seed_sets_the_stream_and_seed_the_weights(tiny_codes, shapes_root, tmp_path):
+    """data_seed (null: seed) draws the training stream; seed alone then starts other weights on the same data,
+    so a study can tell a seed's initial weights from its data order (README screen 16)."""
+    def audit(name: str, *overrides: str) -> tuple[list, str]:
+        run = tmp_path / name
+        run_module("fusion.train", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
+                   "trainer.max_steps=3", "trainer.val_check_interval=1000", "samples.count=0", "audit=true",
+                   "trainer.precision=32-true", *overrides)
+        rows = [json.loads(line) for line in (run / "audit" / "samples_rank0.jsonl").read_text().splitlines()]
+        return [r["keys"] for r in rows], json.loads((run / "audit" / "weights_rank0.json").read_text())["sha256"]
+
+    keys, weights = audit("seed0")
+    same_data_keys, other_init_weights = audit("seed1_data0", "seed=1", "data_seed=0")
+    other_data_keys, _ = audit("seed0_data1", "data_seed=1")
+    assert len(keys) == 3 and all(keys)
+    assert same_data_keys == keys and other_init_weights != weights
+    assert other_data_keys != keys
+
+
+@pytest.mark.slow
 def test_a_time_budget_ends_training_when_spent(tiny_codes, shapes_root, tmp_path):
     """train.time_budget_min: the cosine runs over wall time and training stops when it is spent, far short of
     max_steps (a regression once left the clock unstarted, so the budget was silently ignored)."""
