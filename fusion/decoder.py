@@ -28,6 +28,11 @@ class DecoderConfig:
     intermediate_size: int | None = None  # default: 8/3 * hidden, rounded to 32 (SwiGLU)
     max_seq_len: int = 512
     qk_norm: bool = True
+    # QK-norm fixes every query and key at RMS 1, so with gains of 1 an attention logit is at most sqrt(head_dim)
+    # (8 at 64 dimensions): a head that must pick one object's ~10 codes out of ~160 tokens has to align its
+    # query near-perfectly, or grow the gains first. `qk_gain` starts both gains at sqrt(qk_gain), so logits
+    # start qk_gain times sharper (Henry et al.'s QKNorm learns one scale started at log2(L^2 - L), ~17 here).
+    qk_gain: float = 1.0
     z_loss: float = 1e-5  # Chameleon: 1e-5 * log^2 Z keeps the output softmax from drifting
     embed_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -106,6 +111,8 @@ class DecoderConfig:
             raise ValueError("write_expert needs image_layout with its eoi (the vocabulary's image tokens)")
         if self.read_attention not in ("causal", "bidirectional"):
             raise ValueError(f"decoder.read_attention must be causal or bidirectional, got {self.read_attention!r}")
+        if self.qk_gain <= 0 or (self.qk_gain != 1.0 and not self.qk_norm):
+            raise ValueError(f"decoder.qk_gain={self.qk_gain} needs qk_norm=true and a value > 0")
         self.num_kv_heads = self.num_kv_heads or self.num_heads
         self.intermediate_size = self.intermediate_size or int(self.hidden_size * 8 / 3) // 32 * 32
 
@@ -217,6 +224,11 @@ class Decoder(nn.Module):
         else:
             hf = cfg.hf_config(vocab_size)
             self.lm = (Qwen3ForCausalLM if cfg.qk_norm else LlamaForCausalLM)(hf)
+            if cfg.qk_gain != 1.0:  # the gains are plain weights: a save or an export carries them
+                with torch.no_grad():
+                    for block in self.lm.model.layers:
+                        block.self_attn.q_norm.weight.fill_(math.sqrt(cfg.qk_gain))
+                        block.self_attn.k_norm.weight.fill_(math.sqrt(cfg.qk_gain))
         self.embed_dropout = nn.Dropout(cfg.embed_dropout)
         if cfg.image_pos_embed:  # index 0: not an image code (kept at zero)
             grid = cfg.image_layout["grid"]

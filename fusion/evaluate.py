@@ -165,6 +165,7 @@ def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dic
             "wrong_in_scene": {k: wrong_in[k] / wrong[k] for k in sorted(wrong)},
             "wrong_in_scene_chance": {k: chance[k] / wrong[k] for k in sorted(wrong)},
             "position_detail": position_detail([q for _, q in items], truth, answers, kinds, n_objects),
+            "count_detail": count_detail([q for _, q in items], truth, answers, kinds),
             "answers_per_s": round(len(answers) / elapsed, 1), "examples": examples,
             **({"description": description} if description else {})}
 
@@ -196,6 +197,31 @@ def position_detail(questions: list[str], truth: list[str], answers: list[str], 
     if rel["n"]:
         out["relation"] = {"questions": rel["n"], "right": rel["right"] / rel["n"], "said_yes": rel["yes"] / rel["n"]}
     return out
+
+
+def count_detail(questions: list[str], truth: list[str], answers: list[str], kinds: list[str]) -> dict:
+    """Where counting fails: accuracy per form ("How many objects", "How many red objects", "How many
+    squares") and per true count, and the share of wrong answers that are off by one. Counting every object
+    needs no binding; counting one colour or shape needs the attribute bound to each object."""
+    forms, by_truth = defaultdict(lambda: defaultdict(int)), defaultdict(lambda: defaultdict(int))
+    wrong = off_by_one = 0
+    for q, y, a, k in zip(questions, truth, answers, kinds):
+        if k != "count":
+            continue
+        form = "objects" if q == "How many objects are there?" else ("colour" if q.endswith(" objects are there?")
+                                                                     else "shape")
+        for tally in (forms[form], by_truth[y]):
+            tally["n"] += 1
+            tally["right"] += a == y
+        if a != y:
+            wrong += 1
+            off_by_one += a.isdigit() and y.isdigit() and abs(int(a) - int(y)) == 1
+    if not forms:
+        return {}
+    share = lambda t: {"questions": t["n"], "right": t["right"] / t["n"]}  # noqa: E731
+    return {"by_form": {f: share(t) for f, t in sorted(forms.items())},
+            "by_truth": {y: share(t) for y, t in sorted(by_truth.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 99)},
+            "wrong_off_by_one": off_by_one / wrong if wrong else 0.0}
 
 
 @torch.no_grad()
@@ -441,6 +467,11 @@ def summary_table(report: dict) -> str:
             parts.append(f"left of / above {pos['relation']['right']:.0%} (said yes {pos['relation']['said_yes']:.0%})")
         if parts:
             lines.append("VQA position          " + "  ".join(parts))
+        cnt = vqa.get("count_detail") or {}
+        if cnt:
+            lines.append("VQA count             " + "  ".join(f"{f} {v['right']:.0%}" for f, v in cnt["by_form"].items())
+                         + "  | by truth " + " ".join(f"{y}:{v['right']:.0%}" for y, v in cnt["by_truth"].items())
+                         + f"  | wrong answers off by one {cnt['wrong_off_by_one']:.0%}")
         if vqa.get("description"):
             d = vqa["description"]
             lines.append(f"scene description     cells right {d['cells']:.0%}  whole scene right {d['whole']:.0%}"

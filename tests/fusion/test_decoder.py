@@ -215,3 +215,33 @@ def test_a_compiler_that_fails_falls_back_to_eager_training_with_one_warning(mon
     assert not module.compile_training
     out = capsys.readouterr().out
     assert out.count("warning: torch.compile failed (RuntimeError: no C++ compiler found)") == 1
+
+
+def test_qk_gain_sharpens_the_attention_logits_from_the_first_step():
+    """decoder.qk_gain=g starts QK-norm's gains at sqrt(g): the same seed's queries and keys come out of the norms
+    sqrt(g) times larger (so their products, the logits, g times), the logits differ, and without QK-norm the
+    switch is refused."""
+    import pytest
+
+    from fusion.decoder import DecoderConfig
+
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    seen = {}
+    for gain in (1.0, 4.0):
+        torch.manual_seed(0)
+        dec = tiny_decoder(vocab, qk_gain=gain)
+        attn = dec.lm.model.layers[0].self_attn
+        assert torch.equal(attn.q_norm.weight, torch.full_like(attn.q_norm.weight, math.sqrt(gain)))
+        outs = []
+        hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o)) for m in (attn.q_norm, attn.k_norm)]
+        codes = range(vocab.code_offset, vocab.code_offset + 5)
+        ids = torch.tensor([[vocab.bos, *vocab.encode_text("a red circle"), vocab.boi, *codes]])
+        with torch.no_grad():
+            seen[gain] = (dec(ids).logits, outs[:2])
+        for h in hooks:
+            h.remove()
+    (l1, (q1, k1)), (l4, (q4, k4)) = seen[1.0], seen[4.0]
+    assert torch.allclose(q4, 2 * q1, atol=1e-5) and torch.allclose(k4, 2 * k1, atol=1e-5)
+    assert not torch.allclose(l1, l4, atol=1e-4)
+    with pytest.raises(ValueError, match="qk_gain"):
+        DecoderConfig(qk_norm=False, qk_gain=2.0)

@@ -115,6 +115,27 @@ def test_position_detail_splits_row_from_column_and_flags_a_constant_yes(monkeyp
     assert line and "column 0%" in line[0] and "said yes 100%" in line[0]
 
 
+def test_count_detail_splits_the_forms_and_the_true_counts(monkeypatch):
+    objs = (Obj("circle", "red", "large", 0, 0, 8, 8, 10), Obj("square", "blue", "small", 2, 2, 40, 40, 6))
+    pair = Scene(resolution=48, background="white", objects=objs, text=None).to_json()
+    qa = [{"type": "count", "q": "How many objects are there?", "a": "2"},
+          {"type": "count", "q": "How many red objects are there?", "a": "1"},
+          {"type": "count", "q": "How many green objects are there?", "a": "0"},
+          {"type": "count", "q": "How many squares are there?", "a": "1"},
+          {"type": "colour", "q": "What colour is the circle?", "a": "red"}]
+    answers = ["2", "2", "0", "3", "red"]  # right, off by one, right, off by two, (not a count)
+    monkeypatch.setattr(fusion.evaluate, "answer_questions", lambda bundle, items, described=None: answers[:len(items)])
+    d = vqa_accuracy(NO_MODEL, [{"image": None, "meta": {"scene": pair, "qa": qa}}], max_questions=100)["count_detail"]
+    assert d["by_form"] == {"colour": {"questions": 2, "right": 0.5}, "objects": {"questions": 1, "right": 1.0},
+                            "shape": {"questions": 1, "right": 0.0}}
+    assert list(d["by_truth"]) == ["0", "1", "2"] and d["by_truth"]["1"] == {"questions": 2, "right": 0.0}
+    assert d["wrong_off_by_one"] == 0.5
+    line = [x for x in fusion.evaluate.summary_table({"vqa_test": {"per_type": {}, "accuracy": 0, "questions": 5,
+                                                                   "count_detail": d}}).splitlines()
+            if x.startswith("VQA count")]
+    assert line and "shape 0%" in line[0] and "off by one 50%" in line[0]
+
+
 def test_binding_probe_finds_the_asked_object_and_reads_cells_back_from_the_residual():
     """fusion/probes.py on a random-init decoder with strong 2-D tables: a code's cell is read off the input
     embedding (block 0) almost always and the attention shares are shares; the asked object is the one the
