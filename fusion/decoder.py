@@ -540,3 +540,33 @@ def seed_code_embeddings(decoder: Decoder, code_offset: int, num_codes: int, gri
     emb[rows] = (emb[rows] + look) / math.sqrt(2)
     return f
 
+
+
+# What init_donor can take from another seed's initial weights: parameter-name patterns of the decoder's parts
+# (norm gains start at the same constants in every seed, so they belong to no part).
+INIT_PARTS = {
+    "embeddings": r"embed_tokens|lm_head|image_rows|image_cols",   # input and output token rows, 2-D positions
+    "qk": r"self_attn\.(q_proj|k_proj)\.",                         # where each head looks
+    "vo": r"self_attn\.(v_proj|o_proj)\.|value_rows|value_cols",   # what each head returns
+    "mlp": r"\.mlp\.",
+}
+
+
+@torch.no_grad()
+def take_init(decoder: Decoder, donor: Decoder, parts: list[str]) -> list[str]:
+    """Copy the named parts (INIT_PARTS) of `donor`'s weights into `decoder`, the rest stays: which part of an
+    initialisation decides whether a run turns (README screen 18). Returns the copied parameters' names."""
+    import re
+
+    unknown = [p for p in parts if p not in INIT_PARTS]
+    if unknown or not parts:
+        raise UserError(f"init_donor.parts must name some of {sorted(INIT_PARTS)}, got {list(parts)}")
+    pattern = re.compile("|".join(INIT_PARTS[p] for p in parts))
+    mine, taken = dict(decoder.named_parameters()), []
+    for name, p in donor.named_parameters():
+        if pattern.search(name):
+            if name not in mine or mine[name].shape != p.shape:
+                raise UserError(f"init_donor: the donor's {name} {tuple(p.shape)} has no match in this decoder")
+            mine[name].copy_(p)
+            taken.append(name)
+    return taken

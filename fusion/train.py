@@ -12,11 +12,13 @@ import dataclasses
 
 import itertools
 import json
+import random
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -230,6 +232,22 @@ def task_mix(cfg: DictConfig, phases: tuple) -> TaskMix:
         raise UserError(str(e)) from e
 
 
+def donate_init(module: FusionModule, cfg: DictConfig, vocab: MultimodalVocab, run_dir: Path, tok_config: dict):
+    """init_donor {seed, parts}: the named parts of the decoder start from another seed's initial weights (the
+    global random state is left as it was, so nothing else in the run changes)."""
+    from fusion.decoder import take_init
+
+    donor = cfg.init_donor
+    if cfg.arm != "fusion" or donor.get("seed") is None:
+        raise UserError("init_donor needs arm=fusion and a seed: init_donor={seed: 1, parts: [qk, vo]}")
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    other = build_module(OmegaConf.merge(cfg, {"seed": int(donor.seed)}), vocab, run_dir, tok_config)
+    random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+    taken = take_init(module.decoder, other.decoder, list(donor.get("parts") or []))
+    print(f"init_donor: {len(taken)} tensors ({', '.join(donor.parts)}) start from seed {donor.seed}'s weights",
+          flush=True)
+
+
 def train(cfg: DictConfig) -> dict:
     run_dir = run_dir_of(cfg)
     save_resolved_config(cfg, run_dir)
@@ -248,6 +266,8 @@ def train(cfg: DictConfig) -> dict:
             vocab.save(run_dir / "vocab")
     t = cfg.train
     module = build_module(cfg, vocab, run_dir, tok_meta["config"])
+    if cfg.get("init_donor"):
+        donate_init(module, cfg, vocab, run_dir, tok_meta["config"])
     module.compile_training = compile_wanted(t.get("compile", False), cfg.trainer.max_steps, cfg.trainer.get("strategy", "auto"))
     if module.decoder.cfg.write_expert and module.compile_training:  # data-dependent routing breaks the graph
         if t.get("compile") is True:  # asked for explicitly: say why it is not honoured (auto stays quiet)

@@ -245,3 +245,32 @@ def test_qk_gain_sharpens_the_attention_logits_from_the_first_step():
     assert not torch.allclose(l1, l4, atol=1e-4)
     with pytest.raises(ValueError, match="qk_gain"):
         DecoderConfig(qk_norm=False, qk_gain=2.0)
+
+
+def test_init_donor_takes_exactly_the_named_parts():
+    """take_init copies the named parts of another seed's weights and nothing else; all four parts make the
+    other seed's decoder whole (norm gains start equal); an unknown part is a one-line error."""
+    import pytest
+
+    from data.runtime import UserError
+    from fusion.decoder import take_init
+
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    kw = dict(image_pos_embed=True, image_layout=vocab.image_layout(), image_pos_values=True, image_pos_values_std=0.3)
+    torch.manual_seed(0)
+    mine = tiny_decoder(vocab, **kw)
+    torch.manual_seed(1)
+    donor = tiny_decoder(vocab, **kw)
+    before = {k: v.clone() for k, v in mine.state_dict().items()}
+    taken = take_init(mine, donor, ["qk", "vo"])
+    assert taken and all(("self_attn" in n or "value_" in n) and "norm" not in n for n in taken)
+    assert any("value_rows" in n for n in taken) and any("k_proj" in n for n in taken)
+    for name, p in mine.state_dict().items():
+        moved = not torch.equal(p, before[name])
+        assert moved == (name in taken), name  # taken ones changed, the rest did not
+        if name in taken:
+            assert torch.equal(p, donor.state_dict()[name])
+    take_init(mine, donor, ["embeddings", "mlp"])
+    assert all(torch.equal(p, donor.state_dict()[n]) for n, p in mine.state_dict().items())
+    with pytest.raises(UserError, match="init_donor.parts"):
+        take_init(mine, donor, ["attention"])

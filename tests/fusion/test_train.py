@@ -57,7 +57,8 @@ def test_a_finished_run_continues_under_a_new_task_phase(trained, tiny_codes, sh
 @pytest.mark.slow
 def test_data_seed_sets_the_stream_and_seed_the_weights(tiny_codes, shapes_root, tmp_path):
     """data_seed (null: seed) draws the training stream; seed alone then starts other weights on the same data,
-    so a study can tell a seed's initial weights from its data order (README screen 16)."""
+    so a study can tell a seed's initial weights from its data order (README screen 16); init_donor takes parts
+    of another seed's weights and leaves the stream alone (screen 18)."""
     def audit(name: str, *overrides: str) -> tuple[list, str]:
         run = tmp_path / name
         run_module("fusion.train", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
@@ -72,6 +73,11 @@ def test_data_seed_sets_the_stream_and_seed_the_weights(tiny_codes, shapes_root,
     assert len(keys) == 3 and all(keys)
     assert same_data_keys == keys and other_init_weights != weights
     assert other_data_keys != keys
+    # init_donor with every part: seed 0's run starts from seed 1's weights whole, so it ends where seed 1 did
+    donor_keys, donor_weights = audit("seed0_donor1", "init_donor={seed: 1, parts: [embeddings, qk, vo, mlp]}")
+    assert donor_keys == keys and donor_weights == other_init_weights
+    _, part_weights = audit("seed0_donor1_qk", "init_donor={seed: 1, parts: [qk]}")
+    assert part_weights not in (weights, other_init_weights)
 
 
 @pytest.mark.slow
