@@ -553,18 +553,24 @@ INIT_PARTS = {
 
 
 @torch.no_grad()
-def take_init(decoder: Decoder, donor: Decoder, parts: list[str]) -> list[str]:
+def take_init(decoder: Decoder, donor: Decoder, parts: list[str], blocks: list[int] | None = None) -> list[str]:
     """Copy the named parts (INIT_PARTS) of `donor`'s weights into `decoder`, the rest stays: which part of an
-    initialisation decides whether a run turns (README screen 18). Returns the copied parameters' names."""
+    initialisation decides whether a run turns (README screen 18). `blocks` (0-based) keeps a block's weights to
+    those blocks (weights outside the blocks, the embeddings, are not limited). Returns the copied names."""
     import re
 
     unknown = [p for p in parts if p not in INIT_PARTS]
     if unknown or not parts:
         raise UserError(f"init_donor.parts must name some of {sorted(INIT_PARTS)}, got {list(parts)}")
+    n_blocks = len(decoder.lm.model.layers)
+    if blocks is not None and (not blocks or any(not 0 <= b < n_blocks for b in blocks)):
+        raise UserError(f"init_donor.blocks must name some of the blocks 0..{n_blocks - 1}, got {list(blocks)}")
     pattern = re.compile("|".join(INIT_PARTS[p] for p in parts))
+    in_block = re.compile(r"(?:layers|value_rows|value_cols)\.(\d+)\.")
     mine, taken = dict(decoder.named_parameters()), []
     for name, p in donor.named_parameters():
-        if pattern.search(name):
+        block = in_block.search(name)
+        if pattern.search(name) and (blocks is None or block is None or int(block.group(1)) in blocks):
             if name not in mine or mine[name].shape != p.shape:
                 raise UserError(f"init_donor: the donor's {name} {tuple(p.shape)} has no match in this decoder")
             mine[name].copy_(p)

@@ -233,8 +233,8 @@ def task_mix(cfg: DictConfig, phases: tuple) -> TaskMix:
 
 
 def donate_init(module: FusionModule, cfg: DictConfig, vocab: MultimodalVocab, run_dir: Path, tok_config: dict):
-    """init_donor {seed, parts}: the named parts of the decoder start from another seed's initial weights (the
-    global random state is left as it was, so nothing else in the run changes)."""
+    """init_donor {seed, parts, blocks}: the named parts of the decoder (in the named blocks; null: all) start from
+    another seed's initial weights (the global random state is left as it was, so nothing else in the run changes)."""
     from fusion.decoder import take_init
 
     donor = cfg.init_donor
@@ -243,8 +243,11 @@ def donate_init(module: FusionModule, cfg: DictConfig, vocab: MultimodalVocab, r
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     other = build_module(OmegaConf.merge(cfg, {"seed": int(donor.seed)}), vocab, run_dir, tok_config)
     random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
-    taken = take_init(module.decoder, other.decoder, list(donor.get("parts") or []))
-    print(f"init_donor: {len(taken)} tensors ({', '.join(donor.parts)}) start from seed {donor.seed}'s weights",
+    blocks = donor.get("blocks")
+    taken = take_init(module.decoder, other.decoder, list(donor.get("parts") or []),
+                      None if blocks is None else [int(b) for b in blocks])
+    where = "" if blocks is None else f" in blocks {list(blocks)}"
+    print(f"init_donor: {len(taken)} tensors ({', '.join(donor.parts)}{where}) start from seed {donor.seed}'s weights",
           flush=True)
 
 

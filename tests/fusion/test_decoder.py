@@ -274,3 +274,10 @@ def test_init_donor_takes_exactly_the_named_parts():
     assert all(torch.equal(p, donor.state_dict()[n]) for n, p in mine.state_dict().items())
     with pytest.raises(UserError, match="init_donor.parts"):
         take_init(mine, donor, ["attention"])
+    torch.manual_seed(2)
+    other = tiny_decoder(vocab, **kw)
+    only_1 = take_init(other, donor, ["qk", "vo"], blocks=[1])
+    assert only_1 and all(".1." in n for n in only_1) and len(only_1) == len(taken) // 2  # 2 blocks, one taken
+    assert not torch.equal(other.lm.model.layers[0].self_attn.q_proj.weight, donor.lm.model.layers[0].self_attn.q_proj.weight)
+    with pytest.raises(UserError, match="init_donor.blocks"):
+        take_init(other, donor, ["qk"], blocks=[2])
