@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -541,7 +542,6 @@ def seed_code_embeddings(decoder: Decoder, code_offset: int, num_codes: int, gri
     return f
 
 
-
 # What init_donor can take from another seed's initial weights: parameter-name patterns of the decoder's parts
 # (norm gains start at the same constants in every seed, so they belong to no part).
 INIT_PARTS = {
@@ -557,8 +557,6 @@ def take_init(decoder: Decoder, donor: Decoder, parts: list[str], blocks: list[i
     """Copy the named parts (INIT_PARTS) of `donor`'s weights into `decoder`, the rest stays: which part of an
     initialisation decides whether a run turns (README screen 18). `blocks` (0-based) keeps a block's weights to
     those blocks (weights outside the blocks, the embeddings, are not limited). Returns the copied names."""
-    import re
-
     unknown = [p for p in parts if p not in INIT_PARTS]
     if unknown or not parts:
         raise UserError(f"init_donor.parts must name some of {sorted(INIT_PARTS)}, got {list(parts)}")

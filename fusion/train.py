@@ -240,9 +240,10 @@ def donate_init(module: FusionModule, cfg: DictConfig, vocab: MultimodalVocab, r
     donor = cfg.init_donor
     if cfg.arm != "fusion" or donor.get("seed") is None:
         raise UserError("init_donor needs arm=fusion and a seed: init_donor={seed: 1, parts: [qk, vo]}")
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    other = build_module(OmegaConf.merge(cfg, {"seed": int(donor.seed)}), vocab, run_dir, tok_config)
-    random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():  # torch's generators, CUDA's included, come back as they were
+        other = build_module(OmegaConf.merge(cfg, {"seed": int(donor.seed)}), vocab, run_dir, tok_config)
+    random.setstate(states[0]), np.random.set_state(states[1])
     blocks = donor.get("blocks")
     taken = take_init(module.decoder, other.decoder, list(donor.get("parts") or []),
                       None if blocks is None else [int(b) for b in blocks])
