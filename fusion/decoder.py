@@ -34,6 +34,13 @@ class DecoderConfig:
     # query near-perfectly, or grow the gains first. `qk_gain` starts both gains at sqrt(qk_gain), so logits
     # start qk_gain times sharper (Henry et al.'s QKNorm learns one scale started at log2(L^2 - L), ~17 here).
     qk_gain: float = 1.0
+    # Mimetic initialisation of where the heads look (Trockman & Kolter 2023, "Mimetic Initialization of
+    # Self-Attention Layers"): [alpha, beta] starts each head's W_q^T W_k as the best rank-head_dim match of
+    # alpha * Z + beta * I (Z Gaussian, entries of variance 1/hidden), so from the first step a token attends to
+    # tokens like itself (the word "red" to what resembles it) rather than at random. Which heads grow into the
+    # heads that find an asked object is otherwise a lottery on the random queries and keys (README screen 18).
+    # null: independent random queries and keys (the default). Needs num_kv_heads == num_heads.
+    mimetic_qk: tuple[float, float] | None = None
     z_loss: float = 1e-5  # Chameleon: 1e-5 * log^2 Z keeps the output softmax from drifting
     embed_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -115,6 +122,13 @@ class DecoderConfig:
         if self.qk_gain <= 0 or (self.qk_gain != 1.0 and not self.qk_norm):
             raise ValueError(f"decoder.qk_gain={self.qk_gain} needs qk_norm=true and a value > 0")
         self.num_kv_heads = self.num_kv_heads or self.num_heads
+        if self.mimetic_qk is not None:
+            self.mimetic_qk = tuple(float(v) for v in self.mimetic_qk)
+            if len(self.mimetic_qk) != 2 or self.mimetic_qk[0] < 0 or self.mimetic_qk[1] < 0 or not any(self.mimetic_qk):
+                raise ValueError(f"decoder.mimetic_qk must be [alpha, beta] (>= 0, not both 0), got {self.mimetic_qk}")
+            if self.num_kv_heads != self.num_heads:
+                raise ValueError(f"decoder.mimetic_qk pairs each query head with its key head: needs num_kv_heads "
+                                 f"({self.num_kv_heads}) == num_heads ({self.num_heads})")
         self.intermediate_size = self.intermediate_size or int(self.hidden_size * 8 / 3) // 32 * 32
 
     def to_dict(self) -> dict:
@@ -230,6 +244,10 @@ class Decoder(nn.Module):
                     for block in self.lm.model.layers:
                         block.self_attn.q_norm.weight.fill_(math.sqrt(cfg.qk_gain))
                         block.self_attn.k_norm.weight.fill_(math.sqrt(cfg.qk_gain))
+            if cfg.mimetic_qk is not None:
+                for block in self.lm.model.layers:
+                    mimetic_qk_(block.self_attn.q_proj.weight, block.self_attn.k_proj.weight, cfg.num_heads,
+                                *cfg.mimetic_qk, std=cfg.init_std)
         self.embed_dropout = nn.Dropout(cfg.embed_dropout)
         if cfg.image_pos_embed:  # index 0: not an image code (kept at zero)
             grid = cfg.image_layout["grid"]
@@ -544,6 +562,23 @@ def seed_code_embeddings(decoder: Decoder, code_offset: int, num_codes: int, gri
 
 # What init_donor can take from another seed's initial weights: parameter-name patterns of the decoder's parts
 # (norm gains start at the same constants in every seed, so they belong to no part).
+@torch.no_grad()
+def mimetic_qk_(wq: torch.Tensor, wk: torch.Tensor, heads: int, alpha: float, beta: float, std: float) -> None:
+    """Start each head's queries and keys so that W_q_h^T W_k_h is the best rank-head_dim match of
+    alpha * Z + beta * I (Trockman & Kolter 2023): a token's query then points at keys of tokens like itself. Each
+    matrix is rescaled to entries of RMS `std` (the plain init's), so the optimiser sees the same weight scale."""
+    hidden, dh = wq.shape[1], wq.shape[0] // heads
+    eye = torch.eye(hidden, dtype=torch.float64)
+    for h in range(heads):
+        target = alpha * torch.randn(hidden, hidden, dtype=torch.float64) / math.sqrt(hidden) + beta * eye
+        u, s, vh = torch.linalg.svd(target)
+        q = (u[:, :dh] * s[:dh].sqrt()).T          # [dh, hidden]: q_h . k_h = x^T (U S V^T)_dh x'
+        k = s[:dh].sqrt()[:, None] * vh[:dh]
+        rows = slice(h * dh, (h + 1) * dh)
+        wq[rows] = (q * std / q.pow(2).mean().sqrt()).to(wq.dtype)
+        wk[rows] = (k * std / k.pow(2).mean().sqrt()).to(wk.dtype)
+
+
 INIT_PARTS = {
     "embeddings": r"embed_tokens|lm_head|image_rows|image_cols",   # input and output token rows, 2-D positions
     "qk": r"self_attn\.(q_proj|k_proj)\.",                         # where each head looks

@@ -247,6 +247,45 @@ def test_qk_gain_sharpens_the_attention_logits_from_the_first_step():
         DecoderConfig(qk_norm=False, qk_gain=2.0)
 
 
+def test_mimetic_qk_starts_each_token_looking_at_tokens_like_itself():
+    """decoder.mimetic_qk=[alpha, beta]: before any training, a token's query (after QK-norm, before RoPE) matches
+    its own key clearly better than other tokens' keys, in every head of every block; with independent random
+    queries and keys it does not. The weights keep the plain init's scale; bad values and GQA are refused."""
+    import pytest
+
+    from fusion.decoder import DecoderConfig
+
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    ids = torch.tensor([[vocab.bos, *vocab.encode_text("a red circle left of a blue square"), vocab.boi,
+                         *range(vocab.code_offset, vocab.code_offset + 16)]])
+    margins = {}
+    for mimetic in (None, (0.7, 0.7), (0.0, 1.0)):
+        torch.manual_seed(0)
+        dec = tiny_decoder(vocab, mimetic_qk=mimetic)
+        outs = []
+        hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o))
+                 for block in dec.lm.model.layers for m in (block.self_attn.q_norm, block.self_attn.k_norm)]
+        with torch.no_grad():
+            dec(ids)
+        for h in hooks:
+            h.remove()
+        per_head = []
+        for q, k in zip(outs[::2], outs[1::2]):                  # [batch, tokens, heads, head_dim]
+            cos = torch.einsum("bthd,bshd->bhts", q, k) / q.shape[-1]   # RMS 1 each: cosine
+            eye = torch.eye(cos.shape[-1], dtype=torch.bool)
+            per_head.append(cos[..., eye].mean(-1) - cos[..., ~eye].mean(-1))   # own key minus the others'
+        margins[mimetic] = torch.cat([m.flatten() for m in per_head])
+        std = dec.lm.model.layers[0].self_attn.k_proj.weight.pow(2).mean().sqrt().item()
+        assert abs(std - dec.cfg.init_std) < 0.1 * dec.cfg.init_std
+    assert margins[None].abs().max() < 0.2                       # random: no preference for itself
+    assert margins[(0.7, 0.7)].min() > 0.2 and margins[(0.0, 1.0)].min() > 0.5   # every head, every block
+    for bad in ((1.0,), (-1.0, 1.0), (0.0, 0.0)):
+        with pytest.raises(ValueError, match="mimetic_qk"):
+            DecoderConfig(mimetic_qk=bad)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        DecoderConfig(num_heads=4, num_kv_heads=2, mimetic_qk=(0.7, 0.7))
+
+
 def test_init_donor_takes_exactly_the_named_parts():
     """take_init copies the named parts of another seed's weights and nothing else; all four parts make the
     other seed's decoder whole (norm gains start equal); an unknown part is a one-line error."""
