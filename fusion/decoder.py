@@ -39,7 +39,7 @@ class DecoderConfig:
     # alpha * Z + beta * I (Z Gaussian, entries of variance 1/hidden), so from the first step a token attends to
     # tokens like itself (the word "red" to what resembles it) rather than at random. Which heads grow into the
     # heads that find an asked object is otherwise a lottery on the random queries and keys (README screen 18).
-    # null: independent random queries and keys (the default). Needs num_kv_heads == num_heads.
+    # null: independent random queries and keys. With GQA each query head keeps its own Z on its group's keys.
     mimetic_qk: tuple[float, float] | None = None
     z_loss: float = 1e-5  # Chameleon: 1e-5 * log^2 Z keeps the output softmax from drifting
     embed_dropout: float = 0.0
@@ -126,9 +126,6 @@ class DecoderConfig:
             self.mimetic_qk = tuple(float(v) for v in self.mimetic_qk)
             if len(self.mimetic_qk) != 2 or self.mimetic_qk[0] < 0 or self.mimetic_qk[1] < 0 or not any(self.mimetic_qk):
                 raise ValueError(f"decoder.mimetic_qk must be [alpha, beta] (>= 0, not both 0), got {self.mimetic_qk}")
-            if self.num_kv_heads != self.num_heads:
-                raise ValueError(f"decoder.mimetic_qk pairs each query head with its key head: needs num_kv_heads "
-                                 f"({self.num_kv_heads}) == num_heads ({self.num_heads})")
         self.intermediate_size = self.intermediate_size or int(self.hidden_size * 8 / 3) // 32 * 32
 
     def to_dict(self) -> dict:
@@ -247,7 +244,7 @@ class Decoder(nn.Module):
             if cfg.mimetic_qk is not None:
                 for block in self.lm.model.layers:
                     mimetic_qk_(block.self_attn.q_proj.weight, block.self_attn.k_proj.weight, cfg.num_heads,
-                                *cfg.mimetic_qk, std=cfg.init_std)
+                                cfg.num_kv_heads, *cfg.mimetic_qk, std=cfg.init_std)
         self.embed_dropout = nn.Dropout(cfg.embed_dropout)
         if cfg.image_pos_embed:  # index 0: not an image code (kept at zero)
             grid = cfg.image_layout["grid"]
@@ -563,20 +560,36 @@ def seed_code_embeddings(decoder: Decoder, code_offset: int, num_codes: int, gri
 # What init_donor can take from another seed's initial weights: parameter-name patterns of the decoder's parts
 # (norm gains start at the same constants in every seed, so they belong to no part).
 @torch.no_grad()
-def mimetic_qk_(wq: torch.Tensor, wk: torch.Tensor, heads: int, alpha: float, beta: float, std: float) -> None:
+def mimetic_qk_(wq: torch.Tensor, wk: torch.Tensor, heads: int, kv_heads: int, alpha: float, beta: float,
+                std: float) -> None:
     """Start each head's queries and keys so that W_q_h^T W_k_h is the best rank-head_dim match of
-    alpha * Z + beta * I (Trockman & Kolter 2023): a token's query then points at keys of tokens like itself. Each
-    matrix is rescaled to entries of RMS `std` (the plain init's), so the optimiser sees the same weight scale."""
-    hidden, dh = wq.shape[1], wq.shape[0] // heads
+    alpha * Z_h + beta * I (Trockman & Kolter 2023): a token's query then points at keys of tokens like itself.
+    A key head shared by several query heads (GQA) takes its rows from the SVD of its first query head's target;
+    every query head h then takes M_h's part in that key space (q_h^T = M_h k^+), so each keeps its own Z_h.
+    Each matrix is rescaled to entries of RMS `std` (the plain init's), so the optimiser sees the same scale."""
+    hidden, dh, group = wq.shape[1], wq.shape[0] // heads, heads // kv_heads
     eye = torch.eye(hidden, dtype=torch.float64)
-    for h in range(heads):
-        target = alpha * torch.randn(hidden, hidden, dtype=torch.float64) / math.sqrt(hidden) + beta * eye
-        u, s, vh = torch.linalg.svd(target)
-        q = (u[:, :dh] * s[:dh].sqrt()).T          # [dh, hidden]: q_h . k_h = x^T (U S V^T)_dh x'
-        k = s[:dh].sqrt()[:, None] * vh[:dh]
-        rows = slice(h * dh, (h + 1) * dh)
-        wq[rows] = (q * std / q.pow(2).mean().sqrt()).to(wq.dtype)
-        wk[rows] = (k * std / k.pow(2).mean().sqrt()).to(wk.dtype)
+
+    def target():
+        return alpha * torch.randn(hidden, hidden, dtype=torch.float64) / math.sqrt(hidden) + beta * eye
+
+    def scaled(w):
+        return (w * std / w.pow(2).mean().sqrt()).to(wq.dtype)
+
+    for g in range(kv_heads):
+        first = target()
+        if alpha:
+            _, s, vh = torch.linalg.svd(first)
+        else:  # every subspace fits I equally and torch's SVD picks the same axes for every head: a random basis
+            rot, _ = torch.linalg.qr(torch.randn(hidden, hidden, dtype=torch.float64))
+            _, s, vh = torch.linalg.svd(rot.T @ first @ rot)
+            vh = vh @ rot.T
+        k = s[:dh].sqrt()[:, None] * vh[:dh]                    # [dh, hidden]
+        k_pinv = vh[:dh].T / s[:dh].sqrt()                       # [hidden, dh]
+        wk[g * dh:(g + 1) * dh] = scaled(k)
+        for h in range(g * group, (g + 1) * group):
+            q = ((first if h == g * group else target()) @ k_pinv).T   # q^T k = M_h on the keys' subspace
+            wq[h * dh:(h + 1) * dh] = scaled(q)
 
 
 INIT_PARTS = {

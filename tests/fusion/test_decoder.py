@@ -250,7 +250,8 @@ def test_qk_gain_sharpens_the_attention_logits_from_the_first_step():
 def test_mimetic_qk_starts_each_token_looking_at_tokens_like_itself():
     """decoder.mimetic_qk=[alpha, beta]: before any training, a token's query (after QK-norm, before RoPE) matches
     its own key clearly better than other tokens' keys, in every head of every block; with independent random
-    queries and keys it does not. The weights keep the plain init's scale; bad values and GQA are refused."""
+    queries and keys it does not; the same with query heads sharing a key head (GQA). The weights keep the plain
+    init's scale; bad values are refused."""
     import pytest
 
     from fusion.decoder import DecoderConfig
@@ -259,9 +260,9 @@ def test_mimetic_qk_starts_each_token_looking_at_tokens_like_itself():
     ids = torch.tensor([[vocab.bos, *vocab.encode_text("a red circle left of a blue square"), vocab.boi,
                          *range(vocab.code_offset, vocab.code_offset + 16)]])
     margins = {}
-    for mimetic in (None, (0.7, 0.7), (0.0, 1.0)):
+    for mimetic, kv in ((None, None), ((0.7, 0.7), None), ((0.0, 1.0), None), ((1.0, 0.3), 1)):
         torch.manual_seed(0)
-        dec = tiny_decoder(vocab, mimetic_qk=mimetic)
+        dec = tiny_decoder(vocab, mimetic_qk=mimetic, num_kv_heads=kv)   # kv=1: both query heads share a key head
         outs = []
         hooks = [m.register_forward_hook(lambda m, i, o: outs.append(o))
                  for block in dec.lm.model.layers for m in (block.self_attn.q_norm, block.self_attn.k_norm)]
@@ -275,15 +276,16 @@ def test_mimetic_qk_starts_each_token_looking_at_tokens_like_itself():
             eye = torch.eye(cos.shape[-1], dtype=torch.bool)
             per_head.append(cos[..., eye].mean(-1) - cos[..., ~eye].mean(-1))   # own key minus the others'
         margins[mimetic] = torch.cat([m.flatten() for m in per_head])
+        wq = dec.lm.model.layers[0].self_attn.q_proj.weight
+        assert not torch.allclose(wq[:16], wq[16:])                  # no two query heads start alike
         std = dec.lm.model.layers[0].self_attn.k_proj.weight.pow(2).mean().sqrt().item()
         assert abs(std - dec.cfg.init_std) < 0.1 * dec.cfg.init_std
     assert margins[None].abs().max() < 0.2                       # random: no preference for itself
     assert margins[(0.7, 0.7)].min() > 0.2 and margins[(0.0, 1.0)].min() > 0.5   # every head, every block
+    assert margins[(1.0, 0.3)].min() > 0.1                      # the default, through a shared (GQA) key head
     for bad in ((1.0,), (-1.0, 1.0), (0.0, 0.0)):
         with pytest.raises(ValueError, match="mimetic_qk"):
             DecoderConfig(mimetic_qk=bad)
-    with pytest.raises(ValueError, match="num_kv_heads"):
-        DecoderConfig(num_heads=4, num_kv_heads=2, mimetic_qk=(0.7, 0.7))
 
 
 def test_init_donor_takes_exactly_the_named_parts():
