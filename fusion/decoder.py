@@ -566,24 +566,33 @@ def mimetic_qk_(wq: torch.Tensor, wk: torch.Tensor, heads: int, kv_heads: int, a
     alpha * Z_h + beta * I (Trockman & Kolter 2023): a token's query then points at keys of tokens like itself.
     A key head shared by several query heads (GQA) takes its rows from the SVD of its first query head's target;
     every query head h then takes M_h's part in that key space (q_h^T = M_h k^+), so each keeps its own Z_h.
-    Each matrix is rescaled to entries of RMS `std` (the plain init's), so the optimiser sees the same scale."""
+    Each matrix is rescaled to entries of RMS `std` (the plain init's), so the optimiser sees the same scale.
+    Exact SVDs in float64 up to hidden 512 (the CPU presets, milliseconds); above, torch.svd_lowrank in float32
+    on the weights' device (seconds per block on a CPU at 4,096). Nothing to fill on the meta device."""
+    if wq.is_meta:
+        return
     hidden, dh, group = wq.shape[1], wq.shape[0] // heads, heads // kv_heads
-    eye = torch.eye(hidden, dtype=torch.float64)
+    exact = hidden <= 512
+    kw = dict(dtype=torch.float64 if exact else torch.float32, device=wq.device)
+    eye = torch.eye(hidden, **kw)
 
     def target():
-        return alpha * torch.randn(hidden, hidden, dtype=torch.float64) / math.sqrt(hidden) + beta * eye
+        return alpha * torch.randn(hidden, hidden, **kw) / math.sqrt(hidden) + beta * eye
 
     def scaled(w):
         return (w * std / w.pow(2).mean().sqrt()).to(wq.dtype)
 
     for g in range(kv_heads):
         first = target()
-        if alpha:
-            _, s, vh = torch.linalg.svd(first)
-        else:  # every subspace fits I equally and torch's SVD picks the same axes for every head: a random basis
-            rot, _ = torch.linalg.qr(torch.randn(hidden, hidden, dtype=torch.float64))
+        if not alpha:  # every subspace fits I equally and an SVD picks the same axes for every head: a random basis
+            rot, _ = torch.linalg.qr(torch.randn(hidden, hidden, **kw))
             _, s, vh = torch.linalg.svd(rot.T @ first @ rot)
             vh = vh @ rot.T
+        elif exact:
+            _, s, vh = torch.linalg.svd(first)
+        else:
+            _, s, v = torch.svd_lowrank(first, q=dh + 16, niter=2)
+            vh = v.T
         k = s[:dh].sqrt()[:, None] * vh[:dh]                    # [dh, hidden]
         k_pinv = vh[:dh].T / s[:dh].sqrt()                       # [hidden, dh]
         wk[g * dh:(g + 1) * dh] = scaled(k)
