@@ -283,6 +283,18 @@ def test_mimetic_qk_starts_each_token_looking_at_tokens_like_itself():
     assert margins[None].abs().max() < 0.2                       # random: no preference for itself
     assert margins[(0.7, 0.7)].min() > 0.2 and margins[(0.0, 1.0)].min() > 0.5   # every head, every block
     assert margins[(1.0, 0.3)].min() > 0.1                      # the default, through a shared (GQA) key head
+    # above hidden 512 the low-rank SVD: the same preference, query heads sharing key heads
+    from fusion.decoder import mimetic_qk_
+
+    torch.manual_seed(0)
+    wq, wk = torch.empty(640, 640), torch.empty(320, 640)             # 8 query heads of 80 on 4 key heads
+    mimetic_qk_(wq, wk, 8, 4, 1.0, 0.3, std=0.02)
+    x = torch.randn(40, 640)
+    q = torch.nn.functional.normalize((x @ wq.T).view(40, 8, 80), dim=-1)
+    k = torch.nn.functional.normalize((x @ wk.T).view(40, 4, 80), dim=-1).repeat_interleave(2, dim=1)
+    cos, eye = torch.einsum("thd,shd->hts", q, k), torch.eye(40, dtype=torch.bool)
+    assert (cos[:, eye].mean(-1) - cos[:, ~eye].mean(-1)).min() > 0.1
+    assert abs(wq.pow(2).mean().sqrt().item() - 0.02) < 1e-4
     for bad in ((1.0,), (-1.0, 1.0), (0.0, 0.0)):
         with pytest.raises(ValueError, match="mimetic_qk"):
             DecoderConfig(mimetic_qk=bad)
