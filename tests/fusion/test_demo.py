@@ -42,7 +42,7 @@ def test_every_preset_composes_and_its_models_build(name):
     assert plan["span"] <= plan["decoder"].seq_len
     dc = plan["decoder"].decoder
     fields = {k: v for k, v in OmegaConf.to_container(dc, resolve=True).items() if k in DecoderConfig.__dataclass_fields__}
-    model = Decoder(DecoderConfig(**{**fields, "image_pos_embed": False}), vocab_size=512 + plan["num_codes"] + 8)
+    model = Decoder(DecoderConfig(**{**fields, "image_pos_embed": False, "image_pos_values": False}), vocab_size=512 + plan["num_codes"] + 8)
     with torch.no_grad():
         logits = model(input_ids=torch.zeros(1, plan["decoder"].seq_len, dtype=torch.long)).logits
     assert logits.shape == (1, plan["decoder"].seq_len, 512 + plan["num_codes"] + 8)
