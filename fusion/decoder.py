@@ -557,8 +557,6 @@ def seed_code_embeddings(decoder: Decoder, code_offset: int, num_codes: int, gri
     return f
 
 
-# What init_donor can take from another seed's initial weights: parameter-name patterns of the decoder's parts
-# (norm gains start at the same constants in every seed, so they belong to no part).
 @torch.no_grad()
 def mimetic_qk_(wq: torch.Tensor, wk: torch.Tensor, heads: int, kv_heads: int, alpha: float, beta: float,
                 std: float) -> None:
@@ -601,6 +599,8 @@ def mimetic_qk_(wq: torch.Tensor, wk: torch.Tensor, heads: int, kv_heads: int, a
             wq[h * dh:(h + 1) * dh] = scaled(q)
 
 
+# What init_donor can take from another seed's initial weights: parameter-name patterns of the decoder's parts
+# (norm gains start at the same constants in every seed, so they belong to no part).
 INIT_PARTS = {
     "embeddings": r"embed_tokens|lm_head|image_rows|image_cols",   # input and output token rows, 2-D positions
     "qk": r"self_attn\.(q_proj|k_proj)\.",                         # where each head looks
