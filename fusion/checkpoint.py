@@ -115,7 +115,7 @@ def load_bundle(path: str | Path, device: str = "cpu") -> Bundle:
         raise UserError(f"image tokenizer in {p} has {tok_meta['num_codes']} codes on a {tok_meta['grid']} grid; "
                         f"the vocabulary expects {vocab.num_codes} on {vocab.layout.grid}")
     state = _load_safetensors(p / WEIGHTS, device)
-    decoder = Decoder(DecoderConfig.from_dict(meta["decoder"]), meta["vocab_size"])
+    decoder = Decoder(DecoderConfig.from_dict(meta["decoder"]), meta["vocab_size"], fresh_init=False)
     try:
         decoder.load_state_dict(state, strict=not decoder.cfg.tie_embeddings)
     except RuntimeError as e:

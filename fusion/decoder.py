@@ -208,7 +208,9 @@ def attention_mask(position_ids: torch.Tensor, spans: torch.Tensor, valid: torch
 class Decoder(nn.Module):
     """A causal LM over the joint vocabulary, returning logits and (given labels) its losses."""
 
-    def __init__(self, cfg: DecoderConfig, vocab_size: int):
+    def __init__(self, cfg: DecoderConfig, vocab_size: int, *, fresh_init: bool = True):
+        """fresh_init=False: the weights are about to be overwritten by a saved model's (load_bundle), so the
+        structured starts (qk_gain, mimetic_qk: seconds per block at hidden 4,096) are not drawn."""
         super().__init__()
         from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM
 
@@ -236,12 +238,12 @@ class Decoder(nn.Module):
         else:
             hf = cfg.hf_config(vocab_size)
             self.lm = (Qwen3ForCausalLM if cfg.qk_norm else LlamaForCausalLM)(hf)
-            if cfg.qk_gain != 1.0:  # the gains are plain weights: a save or an export carries them
+            if cfg.qk_gain != 1.0 and fresh_init:  # the gains are plain weights: a save or an export carries them
                 with torch.no_grad():
                     for block in self.lm.model.layers:
                         block.self_attn.q_norm.weight.fill_(math.sqrt(cfg.qk_gain))
                         block.self_attn.k_norm.weight.fill_(math.sqrt(cfg.qk_gain))
-            if cfg.mimetic_qk is not None:
+            if cfg.mimetic_qk is not None and fresh_init:
                 for block in self.lm.model.layers:
                     mimetic_qk_(block.self_attn.q_proj.weight, block.self_attn.k_proj.weight, cfg.num_heads,
                                 cfg.num_kv_heads, *cfg.mimetic_qk, std=cfg.init_std)

@@ -117,7 +117,14 @@ def test_evaluate_reports_every_measure(trained, tiny_codes, shapes_root, tmp_pa
 
 
 @pytest.mark.slow
-def test_saved_model_reloads_identically_and_refuses_damage(trained, tmp_path):
+def test_saved_model_reloads_identically_and_refuses_damage(trained, tmp_path, monkeypatch):
+    import fusion.decoder
+
+    def no_fresh_start(*a, **kw):
+        raise AssertionError("a reload must not draw the mimetic start: the saved weights replace it")
+
+    assert load_bundle(trained / "model").decoder.cfg.mimetic_qk is not None   # the default: a start to skip
+    monkeypatch.setattr(fusion.decoder, "mimetic_qk_", no_fresh_start)
     a, b = load_bundle(trained / "model"), load_bundle(trained / "model")
     v = a.vocab
     prompt = [[v.bos, *v.encode_text("A picture of a red circle."), v.boi]]
