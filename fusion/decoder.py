@@ -41,6 +41,11 @@ class DecoderConfig:
     # heads that find an asked object is otherwise a lottery on the random queries and keys (README screen 18).
     # null: independent random queries and keys. With GQA each query head keeps its own Z on its group's keys.
     mimetic_qk: tuple[float, float] | None = None
+    # ... and of what they return: [alpha, beta] starts each head's W_o_h W_v_h (hidden x hidden, rank head_dim)
+    # near alpha * Z - beta * I, the shape the paper measured in trained ViTs' value-output circuits (its values
+    # 0.4, 0.4). null: random. Screen 18 found seed 1's queries and keys turn seed 0 half-way, with its values
+    # and outputs all the way.
+    mimetic_vo: tuple[float, float] | None = None
     z_loss: float = 1e-5  # Chameleon: 1e-5 * log^2 Z keeps the output softmax from drifting
     embed_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -122,10 +127,13 @@ class DecoderConfig:
         if self.qk_gain <= 0 or (self.qk_gain != 1.0 and not self.qk_norm):
             raise ValueError(f"decoder.qk_gain={self.qk_gain} needs qk_norm=true and a value > 0")
         self.num_kv_heads = self.num_kv_heads or self.num_heads
-        if self.mimetic_qk is not None:
-            self.mimetic_qk = tuple(float(v) for v in self.mimetic_qk)
-            if len(self.mimetic_qk) != 2 or self.mimetic_qk[0] < 0 or self.mimetic_qk[1] < 0 or not any(self.mimetic_qk):
-                raise ValueError(f"decoder.mimetic_qk must be [alpha, beta] (>= 0, not both 0), got {self.mimetic_qk}")
+        for name in ("mimetic_qk", "mimetic_vo"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(float(v) for v in value)
+                if len(value) != 2 or value[0] < 0 or value[1] < 0 or not any(value):
+                    raise ValueError(f"decoder.{name} must be [alpha, beta] (>= 0, not both 0), got {value}")
+                setattr(self, name, value)
         self.intermediate_size = self.intermediate_size or int(self.hidden_size * 8 / 3) // 32 * 32
 
     def to_dict(self) -> dict:
@@ -210,7 +218,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: DecoderConfig, vocab_size: int, *, fresh_init: bool = True):
         """fresh_init=False: the weights are about to be overwritten by a saved model's (load_bundle), so the
-        structured starts (qk_gain, mimetic_qk: seconds per block at hidden 4,096) are not drawn."""
+        structured starts (qk_gain, mimetic_qk / _vo: seconds per block at hidden 4,096) are not drawn."""
         super().__init__()
         from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM
 
@@ -247,6 +255,11 @@ class Decoder(nn.Module):
                 for block in self.lm.model.layers:
                     mimetic_qk_(block.self_attn.q_proj.weight, block.self_attn.k_proj.weight, cfg.num_heads,
                                 cfg.num_kv_heads, *cfg.mimetic_qk, std=cfg.init_std)
+            if cfg.mimetic_vo is not None and fresh_init:   # W_o_h W_v = M_h is q^T k = M_h with q := W_o_h^T
+                alpha, beta = cfg.mimetic_vo
+                for block in self.lm.model.layers:
+                    mimetic_qk_(block.self_attn.o_proj.weight.T, block.self_attn.v_proj.weight, cfg.num_heads,
+                                cfg.num_kv_heads, alpha, -beta, std=cfg.init_std)
         self.embed_dropout = nn.Dropout(cfg.embed_dropout)
         if cfg.image_pos_embed:  # index 0: not an image code (kept at zero)
             grid = cfg.image_layout["grid"]
@@ -568,7 +581,8 @@ def mimetic_qk_(wq: torch.Tensor, wk: torch.Tensor, heads: int, kv_heads: int, a
     every query head h then takes M_h's part in that key space (q_h^T = M_h k^+), so each keeps its own Z_h.
     Each matrix is rescaled to entries of RMS `std` (the plain init's), so the optimiser sees the same scale.
     Exact SVDs in float64 up to hidden 512 (the CPU presets, milliseconds); above, torch.svd_lowrank in float32
-    on the weights' device (seconds per block on a CPU at 4,096). Nothing to fill on the meta device."""
+    on the weights' device (seconds per block on a CPU at 4,096). Nothing to fill on the meta device.
+    mimetic_vo uses the same fill with wq := W_o^T (a view: written through) and beta < 0."""
     if wq.is_meta:
         return
     hidden, dh, group = wq.shape[1], wq.shape[0] // heads, heads // kv_heads

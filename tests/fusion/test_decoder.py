@@ -298,6 +298,38 @@ def test_mimetic_qk_starts_each_token_looking_at_tokens_like_itself():
     for bad in ((1.0,), (-1.0, 1.0), (0.0, 0.0)):
         with pytest.raises(ValueError, match="mimetic_qk"):
             DecoderConfig(mimetic_qk=bad)
+        with pytest.raises(ValueError, match="mimetic_vo"):
+            DecoderConfig(mimetic_vo=bad)
+
+
+def test_mimetic_vo_starts_each_head_returning_minus_its_input():
+    """decoder.mimetic_vo=[alpha, beta]: each head's value-output map W_o_h W_v starts near alpha * Z - beta * I,
+    so what a head returns points away from what it read (cosine clearly negative in every head of every block,
+    through shared value heads too); random values and outputs: no sign. The queries and keys are left alone;
+    the weights keep the plain init's scale."""
+    vocab = tiny_vocab(grid=4, num_codes=32)
+    cosines = {}
+    for vo, kv in ((None, None), ((0.4, 0.4), None), ((0.0, 1.0), 1)):
+        torch.manual_seed(0)
+        dec = tiny_decoder(vocab, mimetic_vo=vo, num_kv_heads=kv)
+        torch.manual_seed(0)
+        plain = tiny_decoder(vocab, num_kv_heads=kv)
+        cfg, per_head = dec.cfg, []
+        dh, group = cfg.hidden_size // cfg.num_heads, cfg.num_heads // cfg.num_kv_heads
+        x = torch.randn(256, cfg.hidden_size, dtype=torch.float64)
+        for block, same in zip(dec.lm.model.layers, plain.lm.model.layers):
+            attn = block.self_attn
+            assert torch.equal(attn.q_proj.weight, same.self_attn.q_proj.weight)   # where the heads look: untouched
+            wv, wo = attn.v_proj.weight.double(), attn.o_proj.weight.double()
+            for h in range(cfg.num_heads):
+                g = h // group
+                out = x @ (wo[:, h * dh:(h + 1) * dh] @ wv[g * dh:(g + 1) * dh]).T
+                per_head.append(torch.nn.functional.cosine_similarity(out, x, dim=-1).mean())
+            for w in (attn.v_proj.weight, attn.o_proj.weight):
+                assert abs(w.pow(2).mean().sqrt().item() - cfg.init_std) < 0.1 * cfg.init_std
+        cosines[vo] = torch.stack(per_head)
+    assert cosines[None].abs().max() < 0.1                       # random: no sign
+    assert cosines[(0.4, 0.4)].max() < -0.1 and cosines[(0.0, 1.0)].max() < -0.2   # every head, every block
 
 
 def test_init_donor_takes_exactly_the_named_parts():
