@@ -378,7 +378,7 @@ def grid_description(scene: Scene) -> str:
     return "; ".join(cells) + "."
 
 
-EXTRA_QUESTIONS = ("where_by_colour",)
+EXTRA_QUESTIONS = ("where_by_colour", "count_present")
 
 
 def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str]) -> list[dict]:
@@ -387,6 +387,11 @@ def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str]) -> list[di
     where_by_colour: "Where is the red object?" for each object whose colour is unique in the scene. A model
     finds an object by its colour long before it finds it by its shape (a code says its colour; a shape is spread
     over several codes), so these teach the "where" answer to read the cell of the object it found.
+
+    count_present: "How many red objects are there?" for the first object's colour and "How many squares are
+    there?" for the last object's shape (objects are stored in a random order: a colour and a shape the scene
+    has). The stored count questions draw a colour or shape at random, so most of their answers are 0, and counts
+    of 2 or 3 things of one kind - the ones the demo model gets most wrong - are rare in training.
     """
     unknown = set(kinds) - set(EXTRA_QUESTIONS)
     if unknown:
@@ -396,6 +401,10 @@ def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str]) -> list[di
         for o in scene.objects:
             if scene.count(colour=o.colour) == 1:
                 qa.append({"type": "position", "q": f"Where is the {o.colour} object?", "a": o.position})
+    if "count_present" in kinds and scene.objects:
+        colour, shape = scene.objects[0].colour, scene.objects[-1].shape
+        qa.append({"type": "count", "q": f"How many {colour} objects are there?", "a": str(scene.count(colour=colour))})
+        qa.append({"type": "count", "q": f"How many {plural(shape)} are there?", "a": str(scene.count(shape=shape))})
     return qa
 
 

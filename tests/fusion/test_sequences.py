@@ -219,6 +219,26 @@ def test_extra_questions_ask_where_an_object_of_a_unique_colour_is():
     assert "Q: Where is the red object? A:" not in texts
 
 
+def test_extra_count_questions_ask_about_a_colour_and_a_shape_the_scene_has():
+    """count_present asks how many objects share the first object's colour and the last one's shape, answered
+    from the scene, so counts above zero are asked in every vqa document; the stored questions stay as they are."""
+    from data.shapes import Obj, Scene, extra_questions
+    from fusion.documents import TaskMix
+
+    def obj(colour, shape, row, col):
+        return Obj(shape, colour, "small", row, col, 8.0 + 16 * col, 8.0 + 16 * row, 8.0)
+
+    scene = Scene(48, "white", (obj("blue", "square", 0, 0), obj("blue", "cross", 2, 1), obj("red", "cross", 1, 2)))
+    assert extra_questions(scene, ["count_present"]) == [
+        {"type": "count", "q": "How many blue objects are there?", "a": "2"},
+        {"type": "count", "q": "How many crosses are there?", "a": "2"}]
+    assert extra_questions(Scene(48, "black", ()), ["count_present"]) == []
+    both = extra_questions(scene, ["where_by_colour", "count_present"])
+    assert both == extra_questions(scene, ["where_by_colour"]) + extra_questions(scene, ["count_present"])
+    stored = [{"type": "count", "q": "How many objects are there?", "a": "3"}]
+    assert TaskMix(extra_qa=("count_present",)).questions(stored, {"scene": scene.to_json()})[0] == stored[0]
+
+
 def test_reading_documents_train_on_their_image_only_when_asked(vocab):
     import random
 
