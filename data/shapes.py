@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
@@ -406,6 +407,51 @@ def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str]) -> list[di
         qa.append({"type": "count", "q": f"How many {colour} objects are there?", "a": str(scene.count(colour=colour))})
         qa.append({"type": "count", "q": f"How many {plural(shape)} are there?", "a": str(scene.count(shape=shape))})
     return qa
+
+
+_RELATION = re.compile(r"^Is (the [a-z ]+?) (left of|above) (the [a-z ]+)\?$")
+_COUNT = re.compile(r"^How many ([a-z ]+?) are there\?$")
+
+
+def _referent(scene: Scene, ref: str) -> Obj | None:
+    """The object "the square" / "the red square" names (the questions name only unique ones)."""
+    words = ref.removeprefix("the ").split()
+    hits = [o for o in scene.objects if words in ([o.shape], [o.colour, o.shape])]
+    return hits[0] if len(hits) == 1 else None
+
+
+def worked_answer(scene: Scene, question: str, answer: str) -> str:
+    """The answer with its working, for the questions that compose lookups (TaskMix.worked_answers): a relation
+    first says where each of its two objects is, a count first lists the cells of what it counts, then ": " and
+    the answer itself ("the red square is top left, the circle is centre: yes"; "top left, bottom right: 2";
+    "none: 0"). Each step is a lookup the model already makes for "Where is ...?", so the comparison or the count
+    is done on text it wrote. Other questions, and ones this scene cannot work out, keep the plain answer;
+    `final_answer` takes the answer back out of either."""
+    m = _RELATION.match(question)
+    if m:
+        a, b = _referent(scene, m.group(1)), _referent(scene, m.group(3))
+        if a is None or b is None:
+            return answer
+        return f"{m.group(1)} is {a.position}, {m.group(3)} is {b.position}: {answer}"
+    m = _COUNT.match(question)
+    if m:
+        what = m.group(1).split()
+        if what == ["objects"]:
+            hits = list(scene.objects)
+        elif len(what) == 2 and what[1] == "objects" and what[0] in COLOURS:
+            hits = [o for o in scene.objects if o.colour == what[0]]
+        elif len(what) == 1 and what[0] in {plural(s): s for s in SHAPES}:
+            hits = [o for o in scene.objects if plural(o.shape) == what[0]]
+        else:
+            return answer
+        cells = [o.position for o in sorted(hits, key=lambda o: (o.row, o.col))]
+        return f"{', '.join(cells) or 'none'}: {answer}"
+    return answer
+
+
+def final_answer(text: str) -> str:
+    """The answer a model wrote, without its working (what follows the last ": ", if any)."""
+    return text.rsplit(": ", 1)[-1].strip()
 
 
 def make_sample(cfg: WorldConfig, split: str, index: int) -> dict:

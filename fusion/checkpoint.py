@@ -57,6 +57,12 @@ class Bundle:
         return bool((self.meta.get("reading") or {}).get("restate_referent"))
 
     @property
+    def worked_answers(self) -> bool:
+        """Whether the model was trained to write its working before relation and count answers
+        (TaskMix.worked_answers): the evaluation lets it, then scores what follows the last ": "."""
+        return bool((self.meta.get("reading") or {}).get("worked_answers"))
+
+    @property
     def placeholders(self) -> int:
         return self.image_encoder.tokens_per_image if self.image_encoder is not None else 0
 

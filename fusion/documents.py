@@ -96,6 +96,10 @@ class TaskMix:
     # questions about one object name it again after "A:" ("A: the red square is top left"): see qa_prompt;
     # the evaluation asks the same way
     restate_referent: bool = False
+    # shapes world: relation and count answers carry their working, "the red square is top left, the circle is
+    # centre: yes" / "top left, bottom right: 2" (data.shapes.worked_answer); the evaluation lets the model write
+    # its working and scores what follows the last ": "
+    worked_answers: bool = False
     # a schedule of mixes over training: ((step, weights), ...) - from each `step` on (the global training step of
     # the batch a document lands in, data.loader.StreamClock) documents are drawn with these weights instead
     phases: tuple[tuple[int, dict[str, float]], ...] = ()
@@ -163,6 +167,16 @@ class TaskMix:
 
         return [*qa, *extra_questions(Scene.from_json(meta["scene"]), self.extra_qa)]
 
+    def answered(self, qa: list[dict], meta: dict) -> list[dict]:
+        """The questions with the answers this mix trains on: with their working when `worked_answers` and the
+        sample has its scene, else as stored."""
+        if not self.worked_answers or not meta.get("scene"):
+            return qa
+        from data.shapes import Scene, worked_answer
+
+        scene = Scene.from_json(meta["scene"])
+        return [{**item, "a": worked_answer(scene, item["q"], item["a"])} for item in qa]
+
     def weights_at(self, step: int) -> dict[str, float]:
         """The task weights documents are drawn with at this training step."""
         weights = self.weights
@@ -197,7 +211,8 @@ def make_document(task: str, image, caption: str, qa: list[dict], rng: random.Ra
         return [Segment.img(image, loss=mix.read_image_loss), Segment.txt(mix.reading_caption(caption, meta or {}),
                                                                           loss=True)]
     if task == "vqa":
-        qas = qa_segments(mix.questions(qa, meta or {}), rng, mix.max_qa, mix.restate_referent)
+        qas = qa_segments(mix.answered(mix.questions(qa, meta or {}), meta or {}), rng, mix.max_qa,
+                          mix.restate_referent)
         if mix.question_first and qas:
             return [qas[0], Segment.img(image, loss=mix.read_image_loss), *qas[1:]]
         described = []
@@ -208,13 +223,13 @@ def make_document(task: str, image, caption: str, qa: list[dict], rng: random.Ra
         return [Segment.img(image, loss=mix.read_image_loss), *described, *qas]
     if task == "interleave":
         return [Segment.txt(caption, loss=False), Segment.img(image, loss=True),
-                *qa_segments(qa, rng, 3, mix.restate_referent)]
+                *qa_segments(mix.answered(qa, meta or {}), rng, 3, mix.restate_referent)]
     if task == "text":
         return [Segment.txt(caption, loss=True)]
     if task == "scene_qa":
         from data.shapes import Scene, grid_description
 
         description = grid_description(Scene.from_json((meta or {})["scene"]))
-        return [*description_segments(description, loss=False), *qa_segments(mix.questions(qa, meta or {}), rng, mix.max_qa,
-                                                                             mix.restate_referent)]
+        asked = mix.answered(mix.questions(qa, meta or {}), meta or {})
+        return [*description_segments(description, loss=False), *qa_segments(asked, rng, mix.max_qa, mix.restate_referent)]
     raise ValueError(f"unknown task {task!r}")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.grid import save_grid, save_labelled, to_pil
 from data.runtime import UserError, cli, run_dir_of, save_resolved_config, write_json
-from data.shapes import (COLOURS, COLS, ROWS, SHAPES, Scene, WorldConfig, caption, description_entropy,
+from data.shapes import (COLOURS, COLS, ROWS, SHAPES, Scene, WorldConfig, caption, description_entropy, final_answer,
                          grid_description, position_name, world_of)
 from fusion.checkpoint import Bundle, load_bundle
 from data.loader import ImageTransform
@@ -94,7 +94,7 @@ def answer_questions(bundle: Bundle, items: list[tuple[object, str]], batch_size
         described = dict(zip(map(id, unique), describe_images(bundle, unique, batch_size)))
     described = described or {}
     prompts = [reading_prompt(bundle, im, q, described.get(id(im))) for im, q in items]
-    return greedy_lines(bundle, prompts, 8, batch_size)
+    return greedy_lines(bundle, prompts, 48 if bundle.worked_answers else 8, batch_size)
 
 
 def description_accuracy(written: list[str], scenes: list[Scene]) -> dict:
@@ -148,7 +148,8 @@ def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dic
         described = {id(s["image"]): w for s, w in zip(shown, written)}
         scenes = [(Scene.from_json(s["meta"]["scene"]), w) for s, w in zip(shown, written) if s["meta"].get("scene")]
         description = description_accuracy([w for _, w in scenes], [sc for sc, _ in scenes]) if scenes else None
-    answers = answer_questions(bundle, items, described=described)
+    written = answer_questions(bundle, items, described=described)
+    answers = [final_answer(a) for a in written] if bundle.worked_answers else written
     elapsed = time.perf_counter() - t
     right, total, wrong = defaultdict(int), defaultdict(int), defaultdict(int)
     wrong_in, chance = defaultdict(float), defaultdict(float)
@@ -159,7 +160,8 @@ def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dic
             wrong[k] += 1
             wrong_in[k] += a in opts
             chance[k] += len(opts - {y}) / (len(ANSWERS[k]) - 1)
-    examples = [{"q": q, "truth": y, "answer": a} for (_, q), y, a in list(zip(items, truth, answers))[:10]]
+    examples = [{"q": q, "truth": y, "answer": a, **({"written": w} if w != a else {})}
+                for (_, q), y, a, w in list(zip(items, truth, answers, written))[:10]]
     return {"accuracy": sum(right.values()) / len(answers), "questions": len(answers),
             "per_type": {k: right[k] / total[k] for k in sorted(total)}, "n_per_type": dict(sorted(total.items())),
             "wrong_in_scene": {k: wrong_in[k] / wrong[k] for k in sorted(wrong)},

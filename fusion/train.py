@@ -28,7 +28,7 @@ from data.loader import ImageTransform, in_order, make_loader, train_loader
 from data.runtime import (UserError, audit_callback, checkpoint_callbacks, cli, env_is_rank_zero, make_trainer, resume_checkpoint, run_dir_of, save_resolved_config,
                           throughput_monitor, write_json)
 from data.shards import ReadStats
-from data.shapes import Scene, grid_description, world_of
+from data.shapes import Scene, grid_description, world_of, worked_answer
 from fusion.checkpoint import save_bundle
 from fusion.curves import CurveConfig, LearningCurves
 from fusion.data import iter_code_samples, sequence_stages
@@ -73,10 +73,12 @@ def build_vocab(cfg: DictConfig, codes: Path, tok_meta: dict) -> MultimodalVocab
                 if i >= cfg.text.train_samples:
                     return
                 yield s["caption"]
+                scene = Scene.from_json(s["meta"]["scene"]) if s["meta"].get("scene") else None
                 for qa in s["meta"].get("qa") or []:
-                    yield f"{qa_prompt(qa['q'], bool(cfg.get('restate_referent')))} {qa['a']}"
-                if cfg.get("describe_first") and s["meta"].get("scene"):  # the text it will write, tokenized as such
-                    yield grid_description(Scene.from_json(s["meta"]["scene"]))
+                    answer = worked_answer(scene, qa["q"], qa["a"]) if cfg.get("worked_answers") and scene else qa["a"]
+                    yield f"{qa_prompt(qa['q'], bool(cfg.get('restate_referent')))} {answer}"
+                if cfg.get("describe_first") and scene:  # the text it will write, tokenized as such
+                    yield grid_description(scene)
         text_tok = train_text_tokenizer(texts(), vocab_size=cfg.text.vocab_size)
     return MultimodalVocab(text_tok, tok_meta["num_codes"], layout)
 
@@ -226,6 +228,7 @@ def task_mix(cfg: DictConfig, phases: tuple) -> TaskMix:
                        curriculum_step_documents=int(curriculum.get("step_documents", 0)),
                        question_first=bool(cfg.get("question_first")), extra_qa=tuple(cfg.get("extra_qa") or ()),
                        describe_first=bool(cfg.get("describe_first")), restate_referent=bool(cfg.get("restate_referent")),
+                       worked_answers=bool(cfg.get("worked_answers")),
                        phases=tuple((at, weights) for at, weights, _, _ in phases),
                        curriculum_windows=tuple((at, at + steps) for at, _, steps, _ in phases if steps))
     except ValueError as e:
@@ -294,9 +297,9 @@ def train(cfg: DictConfig) -> dict:
         sources = (cfg.data.train, cfg.data.val)
         extra = {"pixels": ImageTransform(cfg.tower.image_size), "placeholders": module.image_encoder.tokens_per_image}
     val_mix = dataclasses.replace(mix, curriculum_documents=0, phases=())  # val/loss on one mix throughout
-    # how the model reads; saved with it (Bundle.question_first, Bundle.describe_first, Bundle.restate_referent)
+    # how the model reads; saved with it (Bundle.question_first, .describe_first, .restate_referent, .worked_answers)
     reading = {"question_first": mix.question_first, "describe_first": mix.describe_first,
-               "restate_referent": mix.restate_referent}
+               "restate_referent": mix.restate_referent, "worked_answers": mix.worked_answers}
     val_data = in_order(sources[1], sequence_stages(vocab, cfg.seq_len, t.batch_size, val_mix, seed=1234,
                                                     shuffle_buffer=0, **extra))
     captions = [s["caption"] for _, s in zip(range(cfg.samples.count),

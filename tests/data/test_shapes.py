@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from data.shapes import (BACKGROUNDS, COLOURS, DEFAULT_HELDOUT, INK, SHAPES, Scene, WorldConfig, caption,
-                         make_sample, position_name, questions, render, sample_scene)
+from data.shapes import (BACKGROUNDS, COLOURS, DEFAULT_HELDOUT, INK, SHAPES, Obj, Scene, WorldConfig, caption,
+                         final_answer, make_sample, position_name, questions, render, sample_scene, worked_answer)
 
 
 def components(mask: np.ndarray) -> list[np.ndarray]:
@@ -109,6 +109,47 @@ def test_answers_follow_from_the_scene():
             elif q == "What is written in the image?":
                 assert a == (scene.text.word if scene.text else "nothing")
     assert kinds == {"colour", "shape", "count", "position", "text"}
+
+
+def test_worked_answers_say_where_before_they_compare_or_count():
+    """A relation names both objects' cells, a count lists the cells of what it counts (reading order; "none" for
+    0), then ": " and the stored answer, which final_answer takes back out; colour, shape, "where" and text keep
+    their plain answer. Over 200 generated scenes every relation and count question is worked, and its working
+    agrees with the scene."""
+    def obj(colour, shape, row, col):
+        return Obj(shape, colour, "small", row, col, 8.0 + 16 * col, 8.0 + 16 * row, 8.0)
+
+    scene = Scene(48, "white", (obj("blue", "square", 2, 1), obj("blue", "cross", 0, 0), obj("red", "cross", 1, 1)))
+    assert worked_answer(scene, "Is the square left of the red cross?", "no") == \
+        "the square is bottom centre, the red cross is centre: no"
+    assert worked_answer(scene, "Is the blue cross above the square?", "yes") == \
+        "the blue cross is top left, the square is bottom centre: yes"
+    assert worked_answer(scene, "How many blue objects are there?", "2") == "top left, bottom centre: 2"
+    assert worked_answer(scene, "How many crosses are there?", "2") == "top left, centre: 2"
+    assert worked_answer(scene, "How many objects are there?", "3") == "top left, centre, bottom centre: 3"
+    assert worked_answer(scene, "How many circles are there?", "0") == "none: 0"
+    assert worked_answer(scene, "How many green objects are there?", "0") == "none: 0"
+    for q, a in [("What colour is the square?", "blue"), ("Where is the square?", "bottom centre"),
+                 ("What is written in the image?", "nothing"), ("Is the cross left of the square?", "yes")]:
+        assert worked_answer(scene, q, a) == a  # "the cross" is not unique here: no working to write
+    assert final_answer("the square is bottom centre, the red cross is centre: no") == "no"
+    assert final_answer("top left") == "top left" and final_answer("none: 0") == "0"
+    worked = 0
+    for i in range(200):
+        s = make_sample(WorldConfig(), "val", i)
+        scene = Scene.from_json(s["meta"]["scene"])
+        for qa in s["meta"]["qa"]:
+            w = worked_answer(scene, qa["q"], qa["a"])
+            assert final_answer(w) == qa["a"]
+            if qa["q"].startswith(("Is ", "How many ")):
+                worked += 1
+                steps = w.rsplit(": ", 1)[0]
+                assert ": " in w and steps
+                if qa["q"].startswith("How many "):  # as many cells listed as the count says
+                    assert (0 if steps == "none" else len(steps.split(", "))) == int(qa["a"])
+            else:
+                assert w == qa["a"]
+    assert worked > 300
 
 
 def test_captions_name_every_object():

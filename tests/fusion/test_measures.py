@@ -136,6 +136,25 @@ def test_count_detail_splits_the_forms_and_the_true_counts(monkeypatch):
     assert line and "shape 0%" in line[0] and "off by one 50%" in line[0]
 
 
+def test_a_worked_answer_is_scored_by_what_follows_its_working(monkeypatch):
+    """A model trained with worked answers (its saved `reading`) is scored on what follows the last ": " of what it
+    wrote, so a right count after wrong working counts as right and the working is kept in the examples; a model
+    trained without them is scored on the whole line, as before."""
+    objs = (Obj("circle", "red", "large", 0, 0, 8, 8, 10), Obj("square", "blue", "small", 2, 2, 40, 40, 6))
+    pair = Scene(resolution=48, background="white", objects=objs, text=None).to_json()
+    qa = [{"type": "count", "q": "How many objects are there?", "a": "2"},
+          {"type": "position", "q": "Is the circle left of the square?", "a": "yes"},
+          {"type": "colour", "q": "What colour is the circle?", "a": "red"}]
+    written = ["top left, bottom right: 2", "the circle is top left, the square is top right: no", "red"]
+    monkeypatch.setattr(fusion.evaluate, "answer_questions", lambda bundle, items, described=None: written[:len(items)])
+    sample = [{"image": None, "meta": {"scene": pair, "qa": qa}}]
+    worked = vqa_accuracy(Bundle(None, None, None, meta={"reading": {"worked_answers": True}}), sample, 100)
+    assert worked["per_type"] == {"colour": 1.0, "count": 1.0, "position": 0.0}
+    assert worked["examples"][0] == {"q": qa[0]["q"], "truth": "2", "answer": "2", "written": written[0]}
+    assert "written" not in worked["examples"][2]
+    assert vqa_accuracy(NO_MODEL, sample, 100)["per_type"] == {"colour": 1.0, "count": 0.0, "position": 0.0}
+
+
 def test_binding_probe_finds_the_asked_object_and_reads_cells_back_from_the_residual():
     """fusion/probes.py on a random-init decoder with strong 2-D tables: a code's cell is read off the input
     embedding (block 0) almost always and the attention shares are shares; the asked object is the one the

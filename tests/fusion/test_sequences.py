@@ -219,6 +219,29 @@ def test_extra_questions_ask_where_an_object_of_a_unique_colour_is():
     assert "Q: Where is the red object? A:" not in texts
 
 
+def test_worked_answers_are_what_vqa_documents_train_on():
+    """worked_answers: a vqa document's relation and count answers carry their working, with loss on all of it;
+    off, or for a sample without its scene, the stored answers."""
+    import random
+
+    from data.shapes import Obj, Scene
+    from fusion.documents import TaskMix, make_document
+
+    def obj(colour, shape, row, col):
+        return Obj(shape, colour, "small", row, col, 8.0 + 16 * col, 8.0 + 16 * row, 8.0)
+
+    scene = Scene(48, "white", (obj("blue", "square", 0, 0), obj("red", "cross", 1, 2)))
+    qa = [{"type": "count", "q": "How many crosses are there?", "a": "1"},
+          {"type": "position", "q": "Is the square left of the cross?", "a": "yes"}]
+    meta = {"scene": scene.to_json()}
+    docs = {on: make_document("vqa", None, "", qa, random.Random(0), TaskMix(worked_answers=on), meta)
+            for on in (True, False)}
+    answers = {on: sorted(seg.text for seg in d if seg.loss) for on, d in docs.items()}
+    assert answers[True] == [" middle right: 1\n", " the square is top left, the cross is middle right: yes\n"]
+    assert answers[False] == [" 1\n", " yes\n"]
+    assert TaskMix(worked_answers=True).answered(qa, {}) == qa
+
+
 def test_extra_count_questions_ask_about_a_colour_and_a_shape_the_scene_has():
     """count_present asks how many objects share the first object's colour and the last one's shape, answered
     from the scene, so counts above zero are asked in every vqa document; the stored questions stay as they are."""
