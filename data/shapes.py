@@ -440,7 +440,7 @@ def worked_answer(scene: Scene, question: str, answer: str) -> str:
             hits = list(scene.objects)
         elif len(what) == 2 and what[1] == "objects" and what[0] in COLOURS:
             hits = [o for o in scene.objects if o.colour == what[0]]
-        elif len(what) == 1 and what[0] in {plural(s): s for s in SHAPES}:
+        elif len(what) == 1 and what[0] in {plural(s) for s in SHAPES}:
             hits = [o for o in scene.objects if plural(o.shape) == what[0]]
         else:
             return answer
