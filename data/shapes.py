@@ -10,6 +10,7 @@ anti-aliasing, in exact palette colours.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import re
@@ -379,10 +380,11 @@ def grid_description(scene: Scene) -> str:
     return "; ".join(cells) + "."
 
 
-EXTRA_QUESTIONS = ("where_by_colour", "count_present")
+EXTRA_QUESTIONS = ("where_by_colour", "count_present", "count_any", "relation_more")
 
 
-def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str]) -> list[dict]:
+def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str], rng: random.Random | None = None,
+                    asked: tuple[str, ...] | list[str] = ()) -> list[dict]:
     """Training-only questions beside the stored ones (the evaluation keeps asking the stored kinds).
 
     where_by_colour: "Where is the red object?" for each object whose colour is unique in the scene. A model
@@ -393,6 +395,18 @@ def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str]) -> list[di
     there?" for the last object's shape (objects are stored in a random order: a colour and a shape the scene
     has). The stored count questions draw a colour or shape at random, so most of their answers are 0, and counts
     of 2 or 3 things of one kind - the ones the demo model gets most wrong - are rare in training.
+
+    count_any: two more "How many red objects?" (two colours) and two more "How many squares?" (two shapes), drawn
+    at random as the stored ones are: more counts by attribute per image with the answers' prior unchanged
+    (count_present shifted it: study screen 20).
+
+    relation_more: up to two more "Is A left of B?" / "Is A above B?" about pairs of uniquely named objects, in a
+    random order (so yes and no are equally likely), phrased as the stored one: the stored questions ask at most
+    one relation per image.
+
+    The random kinds draw from `rng` (a document's), or from one seeded by the scene when none is given, and
+    leave out what `asked` (the stored questions) already asks: a count of the same thing, a relation of the same
+    two objects in either order (the second answer would be a copy of the first).
     """
     unknown = set(kinds) - set(EXTRA_QUESTIONS)
     if unknown:
@@ -406,6 +420,28 @@ def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str]) -> list[di
         colour, shape = scene.objects[0].colour, scene.objects[-1].shape
         qa.append({"type": "count", "q": f"How many {colour} objects are there?", "a": str(scene.count(colour=colour))})
         qa.append({"type": "count", "q": f"How many {plural(shape)} are there?", "a": str(scene.count(shape=shape))})
+    if rng is None and ("count_any" in kinds or "relation_more" in kinds):
+        rng = random.Random(json.dumps(scene.to_json(), sort_keys=True))
+    asked = set(asked)
+    if "count_any" in kinds:
+        colours = [c for c in COLOURS if f"How many {c} objects are there?" not in asked]
+        for colour in rng.sample(colours, min(2, len(colours))):
+            qa.append({"type": "count", "q": f"How many {colour} objects are there?",
+                       "a": str(scene.count(colour=colour))})
+        shapes = [s for s in SHAPES if f"How many {plural(s)} are there?" not in asked]
+        for shape in rng.sample(shapes, min(2, len(shapes))):
+            qa.append({"type": "count", "q": f"How many {plural(shape)} are there?", "a": str(scene.count(shape=shape))})
+    if "relation_more" in kinds:
+        refs = [(o, r) for o in scene.objects if (r := _unique(scene, o))]
+        related = {frozenset(m.group(1, 3)) for q in asked if (m := _RELATION.match(q))}
+        pairs = [(refs[i], refs[j]) for i in range(len(refs)) for j in range(i + 1, len(refs))
+                 if frozenset((refs[i][1], refs[j][1])) not in related]
+        for pair in rng.sample(pairs, min(2, len(pairs))):
+            (a, ra), (b, rb) = pair if rng.random() < 0.5 else pair[::-1]
+            if a.col != b.col:
+                qa.append({"type": "position", "q": f"Is {ra} left of {rb}?", "a": "yes" if a.col < b.col else "no"})
+            else:
+                qa.append({"type": "position", "q": f"Is {ra} above {rb}?", "a": "yes" if a.row < b.row else "no"})
     return qa
 
 

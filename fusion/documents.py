@@ -159,13 +159,15 @@ class TaskMix:
 
         return describe(Scene.from_json(meta["scene"]), random.Random(0), template=self.caption_template)
 
-    def questions(self, qa: list[dict], meta: dict) -> list[dict]:
-        """The stored questions, and the extra ones this mix asks of the sample's scene (if it has one)."""
+    def questions(self, qa: list[dict], meta: dict, rng: random.Random | None = None) -> list[dict]:
+        """The stored questions, and the extra ones this mix asks of the sample's scene (if it has one; the
+        random kinds draw from `rng`)."""
         if not self.extra_qa or not meta.get("scene"):
             return qa
         from data.shapes import Scene, extra_questions
 
-        return [*qa, *extra_questions(Scene.from_json(meta["scene"]), self.extra_qa)]
+        return [*qa, *extra_questions(Scene.from_json(meta["scene"]), self.extra_qa, rng,
+                                      asked=[item["q"] for item in qa])]
 
     def answered(self, qa: list[dict], meta: dict) -> list[dict]:
         """The questions with the answers this mix trains on: with their working when `worked_answers` and the
@@ -211,7 +213,7 @@ def make_document(task: str, image, caption: str, qa: list[dict], rng: random.Ra
         return [Segment.img(image, loss=mix.read_image_loss), Segment.txt(mix.reading_caption(caption, meta or {}),
                                                                           loss=True)]
     if task == "vqa":
-        qas = qa_segments(mix.answered(mix.questions(qa, meta or {}), meta or {}), rng, mix.max_qa,
+        qas = qa_segments(mix.answered(mix.questions(qa, meta or {}, rng), meta or {}), rng, mix.max_qa,
                           mix.restate_referent)
         if mix.question_first and qas:
             return [qas[0], Segment.img(image, loss=mix.read_image_loss), *qas[1:]]
@@ -230,6 +232,6 @@ def make_document(task: str, image, caption: str, qa: list[dict], rng: random.Ra
         from data.shapes import Scene, grid_description
 
         description = grid_description(Scene.from_json((meta or {})["scene"]))
-        asked = mix.answered(mix.questions(qa, meta or {}), meta or {})
+        asked = mix.answered(mix.questions(qa, meta or {}, rng), meta or {})
         return [*description_segments(description, loss=False), *qa_segments(asked, rng, mix.max_qa, mix.restate_referent)]
     raise ValueError(f"unknown task {task!r}")

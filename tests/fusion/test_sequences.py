@@ -262,6 +262,70 @@ def test_extra_count_questions_ask_about_a_colour_and_a_shape_the_scene_has():
     assert TaskMix(extra_qa=("count_present",)).questions(stored, {"scene": scene.to_json()})[0] == stored[0]
 
 
+def test_more_counts_and_relations_keep_the_answers_prior_and_repeat_nothing():
+    """count_any draws two more colours and two more shapes to count, uniformly, as the stored questions do (so the
+    share of zero answers stays the stored one), never a count already asked; relation_more asks up to two more
+    relations of uniquely named pairs, yes as often as no, never about the pair the stored relation asks; every
+    answer is the scene's truth; the same document rng gives the same questions."""
+    import random
+
+    from data.shapes import (Obj, Scene, WorldConfig, _RELATION, extra_questions, plural, questions, sample_scene,
+                             scene_rng)
+    from fusion.documents import TaskMix
+
+    def obj(colour, shape, row, col):
+        return Obj(shape, colour, "small", row, col, 8.0 + 16 * col, 8.0 + 16 * row, 8.0)
+
+    scene = Scene(48, "white", (obj("blue", "square", 0, 0), obj("red", "circle", 2, 1), obj("red", "cross", 1, 2)))
+    stored = [{"type": "count", "q": "How many red objects are there?", "a": "2"},
+              {"type": "position", "q": "Is the square left of the circle?", "a": "yes"}]
+    asked = [q["q"] for q in stored]
+    for seed in range(50):
+        extra = extra_questions(scene, ["count_any", "relation_more"], random.Random(seed), asked=asked)
+        counts = [q for q in extra if q["type"] == "count"]
+        relations = [q for q in extra if q["type"] == "position"]
+        assert len(counts) == 4 and len(relations) == 2 and len({q["q"] for q in extra}) == 6
+        assert "How many red objects are there?" not in {q["q"] for q in counts}
+        for q in relations:  # not the stored pair, in either order
+            assert {_RELATION.match(q["q"]).group(1), _RELATION.match(q["q"]).group(3)} != {"the square", "the circle"}
+    assert extra_questions(scene, ["count_any"], random.Random(3)) == extra_questions(scene, ["count_any"],
+                                                                                       random.Random(3))
+    assert extra_questions(Scene(48, "black", ()), ["relation_more"]) == []
+
+    # over generated scenes: answers are the truth, zero answers as common as in the stored counts by attribute,
+    # relations answered yes about half the time
+    world = WorldConfig()
+    rng = random.Random(0)
+    zero = {"stored": [], "extra": []}
+    yes = []
+    for i in range(400):
+        sc = sample_scene(world, "train", i)
+        by_attr = [q for q in questions(sc, scene_rng(world, "train/lang", i))
+                   if q["type"] == "count" and q["q"] != "How many objects are there?"]
+        zero["stored"] += [q["a"] == "0" for q in by_attr]
+        for q in extra_questions(sc, ["count_any", "relation_more"], rng):
+            if q["type"] == "count":
+                words = q["q"].split()[2:-2]
+                truth = sc.count(colour=words[0]) if words[-1] == "objects" else \
+                    sum(plural(o.shape) == words[0] for o in sc.objects)
+                assert q["a"] == str(truth)
+                zero["extra"].append(q["a"] == "0")
+            else:
+                m = _RELATION.match(q["q"])
+                a, b = (next(o for o in sc.objects if m.group(k).split()[1:] in ([o.shape], [o.colour, o.shape]))
+                        for k in (1, 3))
+                truth = a.col < b.col if m.group(2) == "left of" else a.row < b.row
+                assert q["a"] == ("yes" if truth else "no")
+                yes.append(truth)
+    share = {k: sum(v) / len(v) for k, v in zero.items()}
+    assert abs(share["extra"] - share["stored"]) < 0.08, share
+    assert 0.4 < sum(yes) / len(yes) < 0.6 and len(yes) > 300
+    meta = {"scene": scene.to_json()}
+    mix = TaskMix(extra_qa=("count_any", "relation_more"), max_qa=16)
+    assert mix.questions(stored, meta, random.Random(1)) == mix.questions(stored, meta, random.Random(1))
+    assert mix.questions(stored, meta, random.Random(1))[:2] == stored
+
+
 def test_reading_documents_train_on_their_image_only_when_asked(vocab):
     import random
 

@@ -162,7 +162,7 @@ def test_every_recipe_switch_trains_and_curves_are_drawn(tiny_fsq_codes, shapes_
     run_module("fusion.train", f"codes={tiny_fsq_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
                "decoder.code_features=[levels,pixels]", "decoder.code_head=true", "train.optimizer=muon", "train.schedule=wsd", "loss.balance=modality",
                "loss.text_weight=2.0", "layout.row_separator=false", "caption_template=0", "curriculum.documents=4", "read_image_loss=true",
-               "question_first=true", "extra_qa=[where_by_colour,count_present]", "decoder.image_pos_every_layer=true", "decoder.image_pos_values=true",
+               "question_first=true", "extra_qa=[where_by_colour,count_present,count_any,relation_more]", "decoder.image_pos_every_layer=true", "decoder.image_pos_values=true",
                "decoder.image_pos_values_std=0.1", "decoder.qk_gain=2.0", "decoder.mimetic_qk=[0.7,0.7]", "decoder.mimetic_vo=[0.4,0.4]", "restate_referent=true", "worked_answers=true", "task_phases=[{at:0.5,tasks:{vqa:0.8,t2i:0.2}}]", "train.embed_lr_scale=10", "train.head_lr_scale=2", "train.compile=true",
                "curves.gain_images=8", "curves.vqa_images=3",
                "curves.judge_per_type=1")
