@@ -326,6 +326,13 @@ def _unique(scene: Scene, o: Obj) -> str | None:
     return None
 
 
+def relation_question(a: Obj, ra: str, b: Obj, rb: str) -> dict:
+    """"Is A left of B?" when the two stand in different columns, else "Is A above B?", answered from the scene."""
+    if a.col != b.col:
+        return {"type": "position", "q": f"Is {ra} left of {rb}?", "a": "yes" if a.col < b.col else "no"}
+    return {"type": "position", "q": f"Is {ra} above {rb}?", "a": "yes" if a.row < b.row else "no"}
+
+
 def questions(scene: Scene, rng: random.Random, per_type: int = 2) -> list[dict]:
     """Question/answer pairs of five types, answers being short exact strings."""
     qa: list[dict] = []
@@ -356,10 +363,8 @@ def questions(scene: Scene, rng: random.Random, per_type: int = 2) -> list[dict]
         add("position", f"Where is {r}?", o.position)
     if len(refs) >= 2:
         (a, ra), (b, rb) = rng.sample(refs, 2)
-        if a.col != b.col:
-            add("position", f"Is {ra} left of {rb}?", "yes" if a.col < b.col else "no")
-        elif a.row != b.row:
-            add("position", f"Is {ra} above {rb}?", "yes" if a.row < b.row else "no")
+        if (a.row, a.col) != (b.row, b.col):
+            qa.append(relation_question(a, ra, b, rb))
     add("text", "What is written in the image?", scene.text.word if scene.text else "nothing")
     return qa
 
@@ -438,10 +443,7 @@ def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str], rng: rando
                  if frozenset((refs[i][1], refs[j][1])) not in related]
         for pair in rng.sample(pairs, min(2, len(pairs))):
             (a, ra), (b, rb) = pair if rng.random() < 0.5 else pair[::-1]
-            if a.col != b.col:
-                qa.append({"type": "position", "q": f"Is {ra} left of {rb}?", "a": "yes" if a.col < b.col else "no"})
-            else:
-                qa.append({"type": "position", "q": f"Is {ra} above {rb}?", "a": "yes" if a.row < b.row else "no"})
+            qa.append(relation_question(a, ra, b, rb))
     return qa
 
 
