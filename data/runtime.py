@@ -17,6 +17,13 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 
+# `${or_default:${run_dir},runs/...}` in the configs' hydra.run.dir: Hydra's log and .hydra/ land in the run's own
+# folder when run_dir is given (not in a dated folder of the cwd). Registered on import: every entry point imports
+# this module before @hydra.main composes its config.
+OmegaConf.register_new_resolver("or_default", lambda value, default: default if value in (None, "") else value,
+                                replace=True)
+
+
 class UserError(ValueError):
     """An input the user must fix (missing shards, mismatched checkpoint, bad config): one line, exit 2."""
 

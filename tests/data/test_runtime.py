@@ -217,3 +217,20 @@ def test_batched_muon_takes_torch_muons_steps_and_shares_its_checkpoints():
         again.load_state_dict(opt_ours.state_dict())
         for a, b in zip(opt_ours.state.values(), again.state.values()):
             assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_hydra_writes_its_log_in_the_run_dir_when_one_is_given(tmp_path):
+    """With run_dir=DIR the command's log and .hydra/ land in DIR, nothing in the cwd; without it, in a dated
+    folder under the cwd's runs/ (a bad tokenizer_dir: the process stops early, after Hydra has set up its folder)."""
+    from tests.conftest import ROOT, run_module
+
+    env = {"PYTHONPATH": str(ROOT)}
+    proc = run_module("tokenizer.evaluate", "tokenizer_dir=/nonexistent", f"run_dir={tmp_path / 'run'}",
+                      cwd=tmp_path, env=env, check=False)
+    assert proc.returncode == 2 and "no tokenizer at /nonexistent" in proc.stderr
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file() and (tmp_path / "run" / "evaluate.log").is_file()
+    assert not (tmp_path / "runs").exists()
+    proc = run_module("tokenizer.evaluate", "tokenizer_dir=/nonexistent", cwd=tmp_path, env=env, check=False)
+    assert proc.returncode == 2
+    dated = list((tmp_path / "runs" / "tokenizer_eval").iterdir())
+    assert len(dated) == 1 and (dated[0] / ".hydra").is_dir()
