@@ -183,7 +183,7 @@ def print_summary(name: str, out: Path, tok: Path, dec: Path, ev: Path, smp: Pat
     if tm.get("codes_per_flat_patch"):
         codes += "  codes per flat colour " + ", ".join(str(n) for n in tm["codes_per_flat_patch"].values())
     if "ceiling" in tm:
-        codes += f"  ceiling (judge on reconstructions) {tm['ceiling']['pass_rate']:.0%}"
+        codes += f"  ceiling (judge on {tm['ceiling']['n']} reconstructions) {tm['ceiling']['pass_rate']:.1%}"
     pictures = [report.get("generation", {}).get("grid") if report.get("generation") else report.get("generation_grid"),
                 str(smp / "grid.png") if (smp / "grid.png").exists() else None,
                 str(dec / "samples" / "latest.png"), str(tok / "test_reconstructions.png")]

@@ -41,16 +41,20 @@ def image_batches(pattern: str, resolution: int, batch_size: int, stats: ReadSta
 
 
 @torch.no_grad()
-def roundtrip(model, images: list) -> list:
-    """PIL images -> encode -> decode -> PIL images."""
-    x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images]).float() / 255
-    return [to_pil(r) for r in model.decode(model.encode(x))]
+def roundtrip(model, images: list, batch_size: int = 64) -> list:
+    """PIL images -> encode -> decode -> PIL images (in batches: the ceiling's 800 at once would hold GBs)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+                         for im in images[i:i + batch_size]]).float() / 255
+        out += [to_pil(r) for r in model.decode(model.encode(x))]
+    return out
 
 
 @torch.no_grad()
 def evaluate_tokenizer(tokenizer_dir, pattern: str, out_dir, batch_size: int = 64, name: str = "test",
                        max_images: int | None = None, world: WorldConfig | None = None,
-                       ceiling_per_type: int = 32) -> dict:
+                       ceiling_per_type: int = 160) -> dict:
     """Reconstruction and code metrics on `pattern`'s images; with a shapes `world`, also the judge's
     ceiling (`ceiling_per_type` prompts of each type, reconstructed)."""
     model = load_tokenizer(tokenizer_dir)
@@ -93,7 +97,7 @@ def summary_line(m: dict) -> str:
             f"perplexity {m['perplexity']:.0f}  H(code|patch) {m['code_given_patch_nats']:.2f} nats  "
             f"codes per flat colour {flat}")
     if "ceiling" in m:
-        line += f"  ceiling (judge on reconstructions) {m['ceiling']['pass_rate']:.0%}"
+        line += f"  ceiling (judge on {m['ceiling']['n']} reconstructions) {m['ceiling']['pass_rate']:.1%}"
     return line
 
 

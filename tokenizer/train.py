@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> dict:
     export = save_tokenizer(module.model.cpu(), run_dir / "tokenizer",
                             extra={"train_steps": trainer.global_step, "train_seconds": round(train_s, 1)})
     metrics = evaluate_tokenizer(export, cfg.data.val, run_dir, batch_size=t.val_batch_size, name="val",
-                                 world=world_of(cfg.data), ceiling_per_type=cfg.get("ceiling_per_type", 32))
+                                 world=world_of(cfg.data), ceiling_per_type=cfg.get("ceiling_per_type", 160))
     metrics.update(train_steps=trainer.global_step, train_seconds=round(train_s, 1),
                    precision=str(trainer.precision), tokenizer=str(export))
     write_json(run_dir / "metrics.json", metrics)
