@@ -44,7 +44,10 @@ class CodeDeterminism:
 
     0 when equal patches always get equal codes (a patch-local encoder); large when an encoder that sees
     the surroundings writes one content with many near-duplicate codes (synonyms the decoder must guess).
-    Also counts the distinct codes given to flat patches (one colour throughout), per colour.
+    Also counts the distinct codes given to flat patches (one colour throughout), per colour, and the other
+    direction: the share of patches written with a code whose most common patch is a different one (two
+    contents on one code, which no decoder can tell apart from the code alone; 10.5 % for the demo's
+    1,000-code FSQ on the shapes world, whose training scenes hold ~3,600 distinct 4 x 4 patches).
     """
 
     def __init__(self):
@@ -74,6 +77,12 @@ class CodeDeterminism:
             counts = torch.tensor(list(d.values()), dtype=torch.float64)
             p = counts / counts.sum()
             h += float(counts.sum() / max(total, 1) * -(p * p.log()).sum())
+        top_per_code: dict[int, int] = {}  # per code, the occurrences of its most common patch
+        for d in self.pairs.values():
+            for code, n in d.items():
+                top_per_code[code] = max(top_per_code.get(code, 0), n)
         flats = sorted(self.flat.items(), key=lambda kv: -sum(kv[1].values()))[:top_flat]
         return {"code_given_patch_nats": round(h, 4), "distinct_patches": len(self.pairs), "patches": total,
+                "codes_used": len(top_per_code),
+                "patches_on_a_shared_code": round(1 - sum(top_per_code.values()) / max(total, 1), 4),
                 "codes_per_flat_patch": {"rgb(%d,%d,%d)" % k: len(v) for k, v in flats}}

@@ -109,6 +109,10 @@ def test_code_determinism_measure_by_hand():
     r = split.result()
     assert r["code_given_patch_nats"] == pytest.approx(6 / 8 * math.log(2), abs=1e-4)
     assert r["codes_per_flat_patch"]["rgb(0,0,0)"] == 2
+    assert same.result()["patches_on_a_shared_code"] == 0 and same.result()["codes_used"] == 2
+    merged = CodeDeterminism()  # red and black written with one code: the 2 red patches of 8 are not its usual one
+    merged.update(images, torch.full((2, 2, 2), 5))
+    assert merged.result()["patches_on_a_shared_code"] == pytest.approx(2 / 8) and merged.result()["codes_used"] == 1
 
 
 def scenes(n: int) -> torch.Tensor:
