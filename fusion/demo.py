@@ -175,6 +175,7 @@ def run(args) -> int:
 
 def print_summary(name: str, out: Path, tok: Path, dec: Path, ev: Path, smp: Path, times: dict, total: float) -> None:
     from fusion.evaluate import summary_table
+    from tokenizer.evaluate import sharing_and_ceiling
 
     tm = json.loads((tok / "test_metrics.json").read_text())
     train = json.loads((dec / "train_summary.json").read_text())
@@ -182,10 +183,7 @@ def print_summary(name: str, out: Path, tok: Path, dec: Path, ev: Path, smp: Pat
     codes = f"tokenizer codes       H(code | its patch's pixels) {tm['code_given_patch_nats']:.2f} nats"
     if tm.get("codes_per_flat_patch"):
         codes += "  codes per flat colour " + ", ".join(str(n) for n in tm["codes_per_flat_patch"].values())
-    if "patches_on_a_shared_code" in tm:
-        codes += f"  patches on another's code {tm['patches_on_a_shared_code']:.1%}"
-    if "ceiling" in tm:
-        codes += f"  ceiling (judge on {tm['ceiling']['n']} reconstructions) {tm['ceiling']['pass_rate']:.1%}"
+    codes += sharing_and_ceiling(tm)
     pictures = [report.get("generation", {}).get("grid") if report.get("generation") else report.get("generation_grid"),
                 str(smp / "grid.png") if (smp / "grid.png").exists() else None,
                 str(dec / "samples" / "latest.png"), str(tok / "test_reconstructions.png")]

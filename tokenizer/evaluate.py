@@ -96,11 +96,17 @@ def summary_line(m: dict) -> str:
     line = (f"{m['split']}: PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.3f}  usage {m['code_usage']:.1%}  "
             f"perplexity {m['perplexity']:.0f}  H(code|patch) {m['code_given_patch_nats']:.2f} nats  "
             f"codes per flat colour {flat}")
+    return line + sharing_and_ceiling(m)
+
+
+def sharing_and_ceiling(m: dict) -> str:
+    """The shared-code share and the judge's ceiling of a metrics dict, as printed (empty where not measured)."""
+    text = ""
     if "patches_on_a_shared_code" in m:
-        line += f"  patches on another's code {m['patches_on_a_shared_code']:.1%}"
+        text += f"  patches on another's code {m['patches_on_a_shared_code']:.1%}"
     if "ceiling" in m:
-        line += f"  ceiling (judge on {m['ceiling']['n']} reconstructions) {m['ceiling']['pass_rate']:.1%}"
-    return line
+        text += f"  ceiling (judge on {m['ceiling']['n']} reconstructions) {m['ceiling']['pass_rate']:.1%}"
+    return text
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="evaluate_tokenizer")
