@@ -458,21 +458,38 @@ def _referent(scene: Scene, ref: str) -> Obj | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def worked_answer(scene: Scene, question: str, answer: str) -> str:
+WORKED_KINDS = ("relation", "count")
+
+
+def worked_kinds(setting) -> tuple[str, ...]:
+    """The question kinds a `worked_answers` setting works out: true = all of WORKED_KINDS, false/null = none, or
+    a list of them (`[relation]`)."""
+    if setting is None or setting is False:
+        return ()
+    if setting is True:
+        return WORKED_KINDS
+    kinds = (setting,) if isinstance(setting, str) else tuple(setting)
+    unknown = set(kinds) - set(WORKED_KINDS)
+    if unknown:
+        raise ValueError(f"worked_answers: unknown {sorted(unknown)}; true, false or a list of {list(WORKED_KINDS)}")
+    return tuple(k for k in WORKED_KINDS if k in kinds)
+
+
+def worked_answer(scene: Scene, question: str, answer: str, kinds: tuple[str, ...] = WORKED_KINDS) -> str:
     """The answer with its working, for the questions that compose lookups (TaskMix.worked_answers): a relation
     first says where each of its two objects is, a count first lists the cells of what it counts, then ": " and
     the answer itself ("the red square is top left, the circle is centre: yes"; "top left, bottom right: 2";
     "none: 0"). Each step is a lookup the model already makes for "Where is ...?", so the comparison or the count
     is done on text it wrote. Other questions, and ones this scene cannot work out, keep the plain answer;
-    `final_answer` takes the answer back out of either."""
+    `final_answer` takes the answer back out of either. `kinds` names which of the two get their working."""
     m = _RELATION.match(question)
-    if m:
+    if m and "relation" in kinds:
         a, b = _referent(scene, m.group(1)), _referent(scene, m.group(3))
         if a is None or b is None:
             return answer
         return f"{m.group(1)} is {a.position}, {m.group(3)} is {b.position}: {answer}"
     m = _COUNT.match(question)
-    if m:
+    if m and "count" in kinds:
         what = m.group(1).split()
         if what == ["objects"]:
             hits = list(scene.objects)

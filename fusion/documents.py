@@ -98,8 +98,8 @@ class TaskMix:
     restate_referent: bool = False
     # shapes world: relation and count answers carry their working, "the red square is top left, the circle is
     # centre: yes" / "top left, bottom right: 2" (data.shapes.worked_answer); the evaluation lets the model write
-    # its working and scores what follows the last ": "
-    worked_answers: bool = False
+    # its working and scores what follows the last ": "; a tuple of kinds ("relation", "count"), empty for none
+    worked_answers: tuple[str, ...] = ()
     # a schedule of mixes over training: ((step, weights), ...) - from each `step` on (the global training step of
     # the batch a document lands in, data.loader.StreamClock) documents are drawn with these weights instead
     phases: tuple[tuple[int, dict[str, float]], ...] = ()
@@ -127,6 +127,10 @@ class TaskMix:
                              f"{self.curriculum_step_documents}")
         if self.describe_first and self.question_first:
             raise ValueError("describe_first and question_first exclude each other (the description follows the image)")
+        if self.worked_answers:
+            from data.shapes import worked_kinds
+
+            worked_kinds(self.worked_answers)  # an unknown kind fails here
         if self.extra_qa:
             from data.shapes import EXTRA_QUESTIONS
 
@@ -174,10 +178,10 @@ class TaskMix:
         sample has its scene, else as stored."""
         if not self.worked_answers or not meta.get("scene"):
             return qa
-        from data.shapes import Scene, worked_answer
+        from data.shapes import Scene, worked_answer, worked_kinds
 
-        scene = Scene.from_json(meta["scene"])
-        return [{**item, "a": worked_answer(scene, item["q"], item["a"])} for item in qa]
+        scene, kinds = Scene.from_json(meta["scene"]), worked_kinds(self.worked_answers)
+        return [{**item, "a": worked_answer(scene, item["q"], item["a"], kinds)} for item in qa]
 
     def weights_at(self, step: int) -> dict[str, float]:
         """The task weights documents are drawn with at this training step."""

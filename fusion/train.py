@@ -28,7 +28,7 @@ from data.loader import ImageTransform, in_order, make_loader, train_loader
 from data.runtime import (UserError, audit_callback, checkpoint_callbacks, cli, env_is_rank_zero, make_trainer, resume_checkpoint, run_dir_of, save_resolved_config,
                           throughput_monitor, write_json)
 from data.shards import ReadStats
-from data.shapes import Scene, grid_description, world_of, worked_answer
+from data.shapes import Scene, grid_description, world_of, worked_answer, worked_kinds
 from fusion.checkpoint import save_bundle
 from fusion.curves import CurveConfig, LearningCurves
 from fusion.data import iter_code_samples, sequence_stages
@@ -68,6 +68,8 @@ def build_vocab(cfg: DictConfig, codes: Path, tok_meta: dict) -> MultimodalVocab
     if cfg.text.tokenizer:
         text_tok = load_text_tokenizer(cfg.text.tokenizer)
     else:
+        worked = worked_kinds(cfg.get("worked_answers"))
+
         def texts():
             for i, s in enumerate(iter_code_samples(str(codes / "train"), tok_meta["grid"], tok_meta["num_codes"])):
                 if i >= cfg.text.train_samples:
@@ -75,7 +77,7 @@ def build_vocab(cfg: DictConfig, codes: Path, tok_meta: dict) -> MultimodalVocab
                 yield s["caption"]
                 scene = Scene.from_json(s["meta"]["scene"]) if s["meta"].get("scene") else None
                 for qa in s["meta"].get("qa") or []:
-                    answer = worked_answer(scene, qa["q"], qa["a"]) if cfg.get("worked_answers") and scene else qa["a"]
+                    answer = worked_answer(scene, qa["q"], qa["a"], worked) if worked and scene else qa["a"]
                     yield f"{qa_prompt(qa['q'], bool(cfg.get('restate_referent')))} {answer}"
                 if cfg.get("describe_first") and scene:  # the text it will write, tokenized as such
                     yield grid_description(scene)
@@ -228,7 +230,7 @@ def task_mix(cfg: DictConfig, phases: tuple) -> TaskMix:
                        curriculum_step_documents=int(curriculum.get("step_documents", 0)),
                        question_first=bool(cfg.get("question_first")), extra_qa=tuple(cfg.get("extra_qa") or ()),
                        describe_first=bool(cfg.get("describe_first")), restate_referent=bool(cfg.get("restate_referent")),
-                       worked_answers=bool(cfg.get("worked_answers")),
+                       worked_answers=worked_kinds(cfg.get("worked_answers")),
                        phases=tuple((at, weights) for at, weights, _, _ in phases),
                        curriculum_windows=tuple((at, at + steps) for at, _, steps, _ in phases if steps))
     except ValueError as e:

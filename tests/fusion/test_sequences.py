@@ -221,7 +221,8 @@ def test_extra_questions_ask_where_an_object_of_a_unique_colour_is():
 
 def test_worked_answers_are_what_vqa_documents_train_on():
     """worked_answers: a vqa document's relation and count answers carry their working, with loss on all of it;
-    off, or for a sample without its scene, the stored answers."""
+    only the named kinds when given a list; off, or for a sample without its scene, the stored answers; an unknown
+    kind fails in one line."""
     import random
 
     from data.shapes import Obj, Scene
@@ -235,11 +236,14 @@ def test_worked_answers_are_what_vqa_documents_train_on():
           {"type": "position", "q": "Is the square left of the cross?", "a": "yes"}]
     meta = {"scene": scene.to_json()}
     docs = {on: make_document("vqa", None, "", qa, random.Random(0), TaskMix(worked_answers=on), meta)
-            for on in (True, False)}
+            for on in (True, False, ("relation",))}
     answers = {on: sorted(seg.text for seg in d if seg.loss) for on, d in docs.items()}
     assert answers[True] == [" middle right: 1\n", " the square is top left, the cross is middle right: yes\n"]
     assert answers[False] == [" 1\n", " yes\n"]
+    assert answers[("relation",)] == [" 1\n", " the square is top left, the cross is middle right: yes\n"]
     assert TaskMix(worked_answers=True).answered(qa, {}) == qa
+    with pytest.raises(ValueError, match="worked_answers: unknown"):
+        TaskMix(worked_answers=("relations",))
 
 
 def test_extra_count_questions_ask_about_a_colour_and_a_shape_the_scene_has():
