@@ -130,7 +130,7 @@ class TaskMix:
         if self.worked_answers:
             from data.shapes import worked_kinds
 
-            worked_kinds(self.worked_answers)  # an unknown kind fails here
+            self.worked_answers = worked_kinds(self.worked_answers)  # true -> both kinds; an unknown one fails here
         if self.extra_qa:
             from data.shapes import EXTRA_QUESTIONS
 
@@ -178,10 +178,10 @@ class TaskMix:
         sample has its scene, else as stored."""
         if not self.worked_answers or not meta.get("scene"):
             return qa
-        from data.shapes import Scene, worked_answer, worked_kinds
+        from data.shapes import Scene, worked_answer
 
-        scene, kinds = Scene.from_json(meta["scene"]), worked_kinds(self.worked_answers)
-        return [{**item, "a": worked_answer(scene, item["q"], item["a"], kinds)} for item in qa]
+        scene = Scene.from_json(meta["scene"])
+        return [{**item, "a": worked_answer(scene, item["q"], item["a"], self.worked_answers)} for item in qa]
 
     def weights_at(self, step: int) -> dict[str, float]:
         """The task weights documents are drawn with at this training step."""
