@@ -127,3 +127,5 @@ def test_shapes_demo_preset_runs_every_stage_for_a_few_steps(shapes_root, tmp_pa
     for line in ("VQA accuracy (test)", "generation judge", "ceiling (judge on "):
         assert line in proc.stdout, line
     assert (out / "samples" / "grid.png").is_file() and (out / "summary.txt").is_file()
+    meta = json.loads((out / "codes" / "_tokenizer.json").read_text())
+    assert meta["num_codes"] == 7 * 5 ** 4, meta   # the preset's FSQ grid, [7,5,5,5,5] (conf's default: 1,000)
