@@ -385,7 +385,7 @@ def grid_description(scene: Scene) -> str:
     return "; ".join(cells) + "."
 
 
-EXTRA_QUESTIONS = ("where_by_colour", "count_present", "count_any", "relation_more")
+EXTRA_QUESTIONS = ("where_by_colour", "count_present", "count_any", "count_every", "relation_more")
 
 
 def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str], rng: random.Random | None = None,
@@ -404,6 +404,10 @@ def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str], rng: rando
     count_any: two more "How many red objects?" (two colours) and two more "How many squares?" (two shapes), drawn
     at random as the stored ones are: more counts by attribute per image with the answers' prior unchanged
     (count_present shifted it: study screen 20).
+
+    count_every: the count of every colour and of every shape not already asked (the scene's whole histogram,
+    zeros included: six colours and five shapes, so the answers' prior is the stored one); count_any adds nothing
+    beside it.
 
     relation_more: up to two more "Is A left of B?" / "Is A above B?" about pairs of uniquely named objects, in a
     random order (so yes and no are equally likely), phrased as the stored one: the stored questions ask at most
@@ -428,7 +432,11 @@ def extra_questions(scene: Scene, kinds: tuple[str, ...] | list[str], rng: rando
     if rng is None and ("count_any" in kinds or "relation_more" in kinds):
         rng = random.Random(json.dumps(scene.to_json(), sort_keys=True))
     asked = set(asked)
-    if "count_any" in kinds:
+    if "count_every" in kinds:
+        qa += [{"type": "count", "q": q, "a": a} for q, a in (
+            *((f"How many {c} objects are there?", str(scene.count(colour=c))) for c in COLOURS),
+            *((f"How many {plural(s)} are there?", str(scene.count(shape=s))) for s in SHAPES)) if q not in asked]
+    elif "count_any" in kinds:
         colours = [c for c in COLOURS if f"How many {c} objects are there?" not in asked]
         for colour in rng.sample(colours, min(2, len(colours))):
             qa.append({"type": "count", "q": f"How many {colour} objects are there?",

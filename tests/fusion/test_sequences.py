@@ -269,8 +269,9 @@ def test_extra_count_questions_ask_about_a_colour_and_a_shape_the_scene_has():
 def test_more_counts_and_relations_keep_the_answers_prior_and_repeat_nothing():
     """count_any draws two more colours and two more shapes to count, uniformly, as the stored questions do (so the
     share of zero answers stays the stored one), never a count already asked; relation_more asks up to two more
-    relations of uniquely named pairs, yes as often as no, never about the pair the stored relation asks; every
-    answer is the scene's truth; the same document rng gives the same questions."""
+    relations of uniquely named pairs, yes as often as no, never about the pair the stored relation asks;
+    count_every asks every colour and shape (its zero share the stored one too); every answer is the scene's truth;
+    the same document rng gives the same questions."""
     import random
 
     from data.shapes import (Obj, Scene, WorldConfig, _RELATION, extra_questions, plural, questions, sample_scene,
@@ -295,6 +296,11 @@ def test_more_counts_and_relations_keep_the_answers_prior_and_repeat_nothing():
     assert extra_questions(scene, ["count_any"], random.Random(3)) == extra_questions(scene, ["count_any"],
                                                                                        random.Random(3))
     assert extra_questions(Scene(48, "black", ()), ["relation_more"]) == []
+    every = extra_questions(scene, ["count_every", "count_any"], random.Random(3), asked=asked)
+    assert len(every) == 6 + 5 - 1 and "How many red objects are there?" not in {q["q"] for q in every}
+    assert {q["q"]: q["a"] for q in every if q["a"] != "0"} == {
+        "How many blue objects are there?": "1", "How many squares are there?": "1",
+        "How many circles are there?": "1", "How many crosses are there?": "1"}
 
     # over generated scenes: answers are the truth, zero answers as common as in the stored counts by attribute,
     # relations answered yes about half the time
@@ -307,7 +313,7 @@ def test_more_counts_and_relations_keep_the_answers_prior_and_repeat_nothing():
         by_attr = [q for q in questions(sc, scene_rng(world, "train/lang", i))
                    if q["type"] == "count" and q["q"] != "How many objects are there?"]
         zero["stored"] += [q["a"] == "0" for q in by_attr]
-        for q in extra_questions(sc, ["count_any", "relation_more"], rng):
+        for q in extra_questions(sc, ["count_any" if i % 2 else "count_every", "relation_more"], rng):
             if q["type"] == "count":
                 words = q["q"].split()[2:-2]
                 truth = sc.count(colour=words[0]) if words[-1] == "objects" else \
