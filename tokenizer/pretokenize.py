@@ -20,13 +20,12 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-import webdataset as wds
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from data.loader import ImageTransform
 from data.runtime import UserError, cli, run_dir_of, save_resolved_config, write_json
-from data.shards import DecodePolicy, ReadStats, expand_shards, iter_samples
+from data.shards import DecodePolicy, ReadStats, expand_shards, iter_samples, tar_writer
 from tokenizer.checkpoint import load_tokenizer, read_tokenizer_meta
 
 TOKENIZER_META = "_tokenizer.json"
@@ -68,7 +67,7 @@ def encode_shard(job: tuple[str, str, str, int]) -> dict:
             writer.write(rec)
         pending.clear()
 
-    with wds.TarWriter(tmp) as writer:
+    with tar_writer(tmp) as writer:
         for s in iter_samples([url], DecodePolicy(draft_size=model.cfg.resolution * 2), stats):
             pending.append(s)
             if len(pending) == batch_size:

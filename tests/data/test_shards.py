@@ -25,6 +25,8 @@ def test_round_trip_keeps_images_captions_and_metadata(tmp_path):
     assert all(re.fullmatch(r"\d{9}", k) for k in keys) and keys[10] == "000010000"
     with tarfile.open(tmp_path / "00000.tar") as t:
         assert sorted(t.getnames()[:3]) == ["000000000.json", "000000000.png", "000000000.txt"]
+        # whole-second mtimes: plain ustar headers, no PAX header per member (a float mtime doubles the headers)
+        assert all(not m.pax_headers and isinstance(m.mtime, int) for m in t.getmembers())
     stats = ReadStats()
     back = list(iter_samples(str(tmp_path), stats=stats))
     assert stats.read == 25 and not stats.skipped and stats.shards == 3

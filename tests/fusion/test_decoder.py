@@ -171,6 +171,35 @@ def test_modality_balance_averages_each_modality_apart():
     assert torch.allclose(only_image["loss"], ce.mean())  # an absent modality takes no weight
 
 
+def test_losses_match_cross_entropy_with_ignored_targets_and_z_loss():
+    """lm_losses computes one logsumexp and gathers the target logit; it must equal PyTorch's cross-entropy
+    (ignore_index -100) plus z * mean(logsumexp^2) over the scored positions, values and gradients."""
+    from fusion.decoder import lm_losses
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 9, 11)).to(torch.bfloat16).float().requires_grad_()  # bf16 values, as autocast gives
+    labels = torch.randint(0, 11, (2, 9))
+    labels[0, :3] = -100
+    labels[1, 7:] = -100
+    modality = torch.randint(0, 2, (2, 9))
+    r = lm_losses(logits, labels, modality, 1e-2)
+    ref_logits = logits.detach().clone().requires_grad_()
+    flat, flat_labels = ref_logits.view(-1, 11), labels.view(-1)
+    keep = flat_labels != -100
+    ce = torch.nn.functional.cross_entropy(flat, flat_labels, ignore_index=-100)
+    zl = 1e-2 * torch.logsumexp(flat[keep], -1).square().mean()
+    assert torch.allclose(r["loss"], ce + zl, atol=1e-6)
+    assert torch.allclose(r["z_loss"], zl, atol=1e-7)
+    img = keep & (modality.view(-1) == 1)
+    per = torch.nn.functional.cross_entropy(flat, flat_labels, ignore_index=-100, reduction="none")
+    assert torch.allclose(r["image_ce"], per[img].mean(), atol=1e-6)
+    assert int(r["image_tokens"]) == int(img.sum()) and int(r["text_tokens"]) == int((keep & ~img).sum())
+    r["loss"].backward()
+    (ce + zl).backward()
+    assert torch.allclose(logits.grad, ref_logits.grad, atol=1e-6)  # ignored positions get no gradient
+    assert logits.grad[0, :3].abs().max() == 0
+
+
 def _module_and_packed_batch():
     from fusion.lit import FusionModule
 
@@ -186,7 +215,7 @@ def _module_and_packed_batch():
     return module.train(), batch
 
 
-def test_compiled_training_forward_computes_what_the_eager_one_does_and_keeps_weight_names():
+def test_compiled_training_step_computes_the_eager_losses_and_keeps_weight_names():
     module, batch = _module_and_packed_batch()
     eager = module.losses(batch)["loss"]
     names = list(module.state_dict())
@@ -198,7 +227,7 @@ def test_compiled_training_forward_computes_what_the_eager_one_does_and_keeps_we
     assert module.decoder.embed_tokens.weight.grad is not None
     assert list(module.state_dict()) == names  # nothing like "_orig_mod." in checkpoints
     module.eval()
-    assert module.run_decoder(input_ids=batch["input_ids"]).logits.shape[:2] == (2, 64)  # eval: eager
+    torch.testing.assert_close(module.losses(batch)["loss"], eager)  # eval: eager, the same loss
 
 
 def test_the_cpu_trainer_makes_compiled_training_repeat_bit_for_bit(tmp_path):
