@@ -538,14 +538,14 @@ def lm_losses(logits: torch.Tensor, labels: torch.Tensor, modality: torch.Tensor
     is_image = (modality == 1) & mask
     is_text = mask & ~is_image
     n_img, n_txt = is_image.sum(), is_text.sum()
-    image_ce = (ce * is_image).sum() / n_img.clamp_min(1)
-    text_ce = (ce * is_text).sum() / n_txt.clamp_min(1)
+    image_sum, text_sum = (ce * is_image).sum(), (ce * is_text).sum()
+    image_ce, text_ce = image_sum / n_img.clamp_min(1), text_sum / n_txt.clamp_min(1)
     zl = z_loss * torch.where(mask, lse ** 2, 0.0).sum() / mask.sum().clamp_min(1) if z_loss else lse.new_zeros(())
     if balance == "modality":
         wi, wt = image_weight * (n_img > 0), text_weight * (n_txt > 0)
         total = (wi * image_ce + wt * text_ce) / (wi + wt).clamp_min(1e-9)
     elif balance == "token":
-        total = (image_weight * (ce * is_image).sum() + text_weight * (ce * is_text).sum()) / mask.sum().clamp_min(1)
+        total = (image_weight * image_sum + text_weight * text_sum) / mask.sum().clamp_min(1)
     else:
         raise ValueError(f"loss balance must be token or modality, got {balance!r}")
     return {"loss": total + zl, "text_ce": text_ce, "image_ce": image_ce, "z_loss": zl,

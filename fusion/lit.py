@@ -28,7 +28,7 @@ class FusionModule(ScheduledTraining, L.LightningModule):
         """What the decoder is given; the adapter baseline overrides this to insert image features."""
         return {"input_ids": batch["input_ids"]}
 
-    compile_training = False  # fusion.train sets it from train.compile: the training step's forward runs torch.compile'd
+    compile_training = False  # fusion.train sets it from train.compile: the training forward and loss run torch.compile'd
     _compiled = None
 
     def losses(self, batch) -> dict[str, torch.Tensor]:

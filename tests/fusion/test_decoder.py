@@ -172,7 +172,7 @@ def test_modality_balance_averages_each_modality_apart():
 
 
 def test_losses_match_cross_entropy_with_ignored_targets_and_z_loss():
-    """lm_losses computes one logsumexp and gathers the target logit; it must equal PyTorch's cross-entropy
+    """lm_losses computes one logsumexp and picks the target logit by comparison; it must equal PyTorch's cross-entropy
     (ignore_index -100) plus z * mean(logsumexp^2) over the scored positions, values and gradients."""
     from fusion.decoder import lm_losses
 
