@@ -466,7 +466,9 @@ def _referent(scene: Scene, ref: str) -> Obj | None:
     return hits[0] if len(hits) == 1 else None
 
 
-WORKED_KINDS = ("relation", "count")
+WORKED_KINDS = ("relation", "count", "shape", "colour")
+_SHAPE_OF = re.compile(r"^What shape is (the [a-z]+ object)\?$")
+_COLOUR_OF = re.compile(r"^What colour is (the [a-z ]+?)\?$")
 
 
 def worked_kinds(setting) -> tuple[str, ...]:
@@ -485,11 +487,13 @@ def worked_kinds(setting) -> tuple[str, ...]:
 
 def worked_answer(scene: Scene, question: str, answer: str, kinds: tuple[str, ...] = WORKED_KINDS) -> str:
     """The answer with its working, for the questions that compose lookups (TaskMix.worked_answers): a relation
-    first says where each of its two objects is, a count first lists the cells of what it counts, then ": " and
-    the answer itself ("the red square is top left, the circle is centre: yes"; "top left, bottom right: 2";
-    "none: 0"). Each step is a lookup the model already makes for "Where is ...?", so the comparison or the count
-    is done on text it wrote. Other questions, and ones this scene cannot work out, keep the plain answer;
-    `final_answer` takes the answer back out of either. `kinds` names which of the two get their working."""
+    first says where each of its two objects is, a count first lists the cells of what it counts, a shape or
+    colour question first says where the object it asks about is, then ": " and the answer itself ("the red square
+    is top left, the circle is centre: yes"; "top left, bottom right: 2"; "none: 0"; "the red object is top left:
+    square"). Each step is a lookup the model already makes for "Where is ...?", so the comparison, the count or
+    the attribute is read from a cell the model has written down. Other questions, and ones this scene cannot work
+    out, keep the plain answer; `final_answer` takes the answer back out of either. `kinds` names which get their
+    working."""
     m = _RELATION.match(question)
     if m and "relation" in kinds:
         a, b = _referent(scene, m.group(1)), _referent(scene, m.group(3))
@@ -509,6 +513,12 @@ def worked_answer(scene: Scene, question: str, answer: str, kinds: tuple[str, ..
             return answer
         cells = [o.position for o in sorted(hits, key=lambda o: (o.row, o.col))]
         return f"{', '.join(cells) or 'none'}: {answer}"
+    for kind, pattern in (("shape", _SHAPE_OF), ("colour", _COLOUR_OF)):
+        m = pattern.match(question)
+        if m and kind in kinds:
+            words = m.group(1).removeprefix("the ").split()
+            hits = [o for o in scene.objects if (words == [o.colour, "object"] if kind == "shape" else words == [o.shape])]
+            return f"{m.group(1)} is {hits[0].position}: {answer}" if len(hits) == 1 else answer
     return answer
 
 
