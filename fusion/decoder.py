@@ -399,7 +399,10 @@ class Decoder(nn.Module):
             inputs_embeds = self.embed(input_ids)
         inputs_embeds = self.embed_dropout(inputs_embeds)
         mask = None
-        if self.cfg.read_attention == "bidirectional" and read_span is not None and bool(read_span.any()):
+        # compiled: no data-dependent branch (it would break the graph); the explicit mask of a batch without
+        # read spans is transformers' packed causal one anyway
+        if self.cfg.read_attention == "bidirectional" and read_span is not None and (
+                torch.compiler.is_compiling() or bool(read_span.any())):
             if position_ids is None:
                 position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
             mask = attention_mask(position_ids.expand(inputs_embeds.shape[0], -1), read_span)

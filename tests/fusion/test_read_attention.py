@@ -115,3 +115,16 @@ def test_sampling_reads_the_prompt_image_as_training_does(vocab, lean, use_cache
 def test_unknown_read_attention_is_refused():
     with pytest.raises(ValueError, match="read_attention"):
         DecoderConfig(read_attention="full")
+
+
+def test_bidirectional_reading_compiles_without_a_graph_break(vocab):
+    """The training step is compiled whole: deciding whether a batch holds read spans must not break the graph."""
+    torch._dynamo.reset()
+    both = tiny_decoder(vocab, image_pos_embed=True, image_layout=vocab.image_layout(),
+                        read_attention="bidirectional")
+    p, _ = packed_reading_and_writing(vocab)
+    t = {k: v[None] for k, v in p.as_tensors().items()}
+    explained = torch._dynamo.explain(lambda **kw: both(**kw).logits)(
+        input_ids=t["input_ids"], position_ids=t["position_ids"], read_span=t["read_span"])
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
