@@ -91,6 +91,14 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written whole or not at all (as write_json)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------- optimisation
 
 def warmup_cosine(step: int, warmup: int, progress: float, min_ratio: float, schedule: str = "cosine",

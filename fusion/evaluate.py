@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.grid import save_grid, save_labelled, to_pil
-from data.runtime import UserError, cli, run_dir_of, save_resolved_config, write_json
+from data.runtime import UserError, cli, run_dir_of, save_resolved_config, write_json, write_jsonl
 from data.shapes import (COLOURS, COLS, ROWS, SHAPES, Scene, WorldConfig, caption, description_entropy, final_answer,
                          grid_description, position_name, world_of)
 from fusion.checkpoint import Bundle, load_bundle
@@ -122,10 +122,11 @@ def in_scene(scene: Scene, kind: str) -> set[str]:
 
 
 def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dict:
-    """Accuracy per question type; `wrong_in_scene` per type: the share of wrong answers that name what another
-    object of the same scene is (its colour, shape or cell), beside `wrong_in_scene_chance`, that share for wrong
-    answers drawn at random: well above chance means the model sees the attributes but binds them to the wrong
-    object; at chance, that it does not see them."""
+    """Accuracy per question type (`records`: every question with its truth and answer, which evaluate() writes to
+    vqa_{split}_answers.jsonl, not into evaluation.json); `wrong_in_scene` per type: the share of wrong answers that
+    name what another object of the same scene is (its colour, shape or cell), beside `wrong_in_scene_chance`, that
+    share for wrong answers drawn at random: well above chance means the model sees the attributes but binds them
+    to the wrong object; at chance, that it does not see them."""
     items, truth, kinds, options, n_objects = [], [], [], [], []
     for s in samples:
         scene = Scene.from_json(s["meta"]["scene"]) if s["meta"].get("scene") else None
@@ -160,15 +161,16 @@ def vqa_accuracy(bundle: Bundle, samples: list[dict], max_questions: int) -> dic
             wrong[k] += 1
             wrong_in[k] += a in opts
             chance[k] += len(opts - {y}) / (len(ANSWERS[k]) - 1)
-    examples = [{"q": q, "truth": y, "answer": a, **({"written": w} if w != a else {})}
-                for (_, q), y, a, w in list(zip(items, truth, answers, written))[:10]]
+    records = [{"type": k, "q": q, "truth": y, "answer": a, **({"written": w} if w != a else {})}
+               for (_, q), y, a, w, k in zip(items, truth, answers, written, kinds)]
+    examples = [{k: v for k, v in r.items() if k != "type"} for r in records[:10]]
     return {"accuracy": sum(right.values()) / len(answers), "questions": len(answers),
             "per_type": {k: right[k] / total[k] for k in sorted(total)}, "n_per_type": dict(sorted(total.items())),
             "wrong_in_scene": {k: wrong_in[k] / wrong[k] for k in sorted(wrong)},
             "wrong_in_scene_chance": {k: chance[k] / wrong[k] for k in sorted(wrong)},
             "position_detail": position_detail([q for _, q in items], truth, answers, kinds, n_objects),
             "count_detail": count_detail([q for _, q in items], truth, answers, kinds),
-            "answers_per_s": round(len(answers) / elapsed, 1), "examples": examples,
+            "answers_per_s": round(len(answers) / elapsed, 1), "examples": examples, "records": records,
             **({"description": description} if description else {})}
 
 
@@ -427,6 +429,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     for split in cfg.vqa_splits:
         samples = eval_samples(bundle, str(codes / split), cfg.data.get(split), cfg.vqa_images)
         report[f"vqa_{split}"] = vqa_accuracy(bundle, samples, cfg.max_questions)
+        write_jsonl(out_dir / f"vqa_{split}_answers.jsonl", report[f"vqa_{split}"].pop("records", []))
         report[f"caption_{split}"] = teacher_forced(
             bundle, [[Segment.img(s["image"], loss=False), Segment.txt(s["caption"])] for s in samples], cfg.seq_len)
         report[f"text_only_{split}"] = teacher_forced(bundle, [[Segment.txt(s["caption"])] for s in samples], cfg.seq_len)

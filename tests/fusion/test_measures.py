@@ -152,6 +152,8 @@ def test_a_worked_answer_is_scored_by_what_follows_its_working(monkeypatch):
     assert worked["per_type"] == {"colour": 1.0, "count": 1.0, "position": 0.0}
     assert worked["examples"][0] == {"q": qa[0]["q"], "truth": "2", "answer": "2", "written": written[0]}
     assert "written" not in worked["examples"][2]
+    assert worked["records"][1] == {"type": "position", "q": qa[1]["q"], "truth": "yes", "answer": "no",
+                                    "written": written[1]}  # every answer, for fusion.evaluate's answers file
     assert vqa_accuracy(NO_MODEL, sample, 100)["per_type"] == {"colour": 1.0, "count": 0.0, "position": 0.0}
 
 

@@ -114,6 +114,9 @@ def test_evaluate_reports_every_measure(trained, tiny_codes, shapes_root, tmp_pa
     assert 0 <= report["generation"]["pass_rate"] <= 1 and len(report["generation"]["per_type"]) == 5
     assert report["caption_test"]["perplexity"] > 1 and report["text_only_test"]["tokens"] > 0
     assert (tmp_path / "generation_grid.png").is_file() and "VQA accuracy" in proc.stdout
+    answers = [json.loads(x) for x in (tmp_path / "vqa_test_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == report["vqa_test"]["questions"] and "records" not in report["vqa_test"]
+    assert {a["type"] for a in answers} == set(report["vqa_test"]["per_type"]) and all("truth" in a for a in answers)
 
 
 @pytest.mark.slow
