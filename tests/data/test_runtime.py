@@ -234,3 +234,30 @@ def test_hydra_writes_its_log_in_the_run_dir_when_one_is_given(tmp_path):
     assert proc.returncode == 2
     dated = list((tmp_path / "runs" / "tokenizer_eval").iterdir())
     assert len(dated) == 1 and (dated[0] / ".hydra").is_dir()
+
+
+def test_write_json_and_jsonl_are_whole_or_nothing(tmp_path, monkeypatch):
+    """Both writers go through a temporary file and a rename: the lines read back as written, and a write that
+    fails before the rename leaves the previous file as it was."""
+    import json
+
+    from data.runtime import write_json, write_jsonl
+
+    rows = [{"q": "What colour is the square?", "a": "red"}, {"q": "How many?", "a": 3}]
+    out = tmp_path / "sub" / "answers.jsonl"
+    write_jsonl(out, rows)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    summary = tmp_path / "evaluation.json"
+    write_json(summary, {"vqa": 0.9})
+
+    def fail(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    for path, write, new in ((out, write_jsonl, [{"q": "other"}]), (summary, write_json, {"vqa": 0.1})):
+        before = path.read_text()
+        with pytest.raises(OSError, match="disk full"):
+            write(path, new)
+        assert path.read_text() == before
+    monkeypatch.undo()
+    assert json.loads(summary.read_text()) == {"vqa": 0.9}
