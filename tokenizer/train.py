@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from data.loader import ImageTransform, image_stages, in_order, make_loader, train_loader
+from data.loader import DecodedCache, ImageTransform, image_stages, in_order, make_loader, train_loader
 from data.runtime import (audit_callback, checkpoint_callbacks, cli, make_trainer, resume_checkpoint, run_dir_of, save_resolved_config, world_size,
                           write_json)
 from tokenizer.checkpoint import save_tokenizer
@@ -52,9 +52,11 @@ def train(cfg: DictConfig) -> dict:
     trainer = make_trainer(cfg.trainer, run_dir, callbacks, **overrides)
     start = time.time()
     ckpt_path = resume_checkpoint(cfg.get("resume"), run_dir, expect={"model": module.hparams.model})
+    cache = DecodedCache(t.cache_mb) if t.get("cache_mb") and not t.num_workers else None  # one cache, every epoch
+    transform = ImageTransform(res, t.crop, crop_step=module.model.cfg.downsample, crop_tries=t.get("crop_tries", 1))
     train_data = train_loader(cfg.data.train, lambda seed: image_stages(
-        t.batch_size, ImageTransform(res, t.crop, crop_step=module.model.cfg.downsample, crop_tries=t.get("crop_tries", 1)), seed=f"{cfg.seed}/{seed}", shuffle_buffer=t.shuffle_buffer,
-        partial=False), t.num_workers, steps=lambda: trainer.global_step)
+        t.batch_size, transform, seed=f"{cfg.seed}/{seed}", shuffle_buffer=t.shuffle_buffer, partial=False, cache=cache),
+        t.num_workers, steps=lambda: trainer.global_step)
     trainer.fit(module, train_dataloaders=train_data, val_dataloaders=make_loader(val_data), ckpt_path=ckpt_path)
     train_s = time.time() - start
 

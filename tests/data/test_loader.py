@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.loader import EpochLoader, ImageTransform, ShardPlan, count_samples, image_stages, in_order, train_loader
+from data.loader import DecodedCache, EpochLoader, ImageTransform, ShardPlan, count_samples, image_stages, in_order, train_loader
 from data.shapes import WorldConfig, make_sample
 from data.shards import ShardError, ShardWriter
 from tests.data.badinputs import write_bad_shard, write_truncated_shard
@@ -108,3 +108,38 @@ def test_a_clocked_stream_knows_the_global_step_of_its_batches(uneven_shards, wo
         assert [s for s, _ in stamps[:exact]] == list(range(len(seen), len(seen) + exact))
         assert {e for _, e in stamps} == {epoch}
         seen += stamps
+
+
+@pytest.mark.parametrize("budget_mb", [64, 0.05])
+def test_decoded_cache_gives_the_same_batches_and_counts_every_epoch(tmp_path, uneven_shards, budget_mb):
+    """The tokenizer's in-memory cache of decoded shards: three epochs give the batches (keys, random crops, skip
+    counts) of reading from disk; shards past the budget are read from disk; the shards it holds are not re-read."""
+    import shutil
+
+    for p in sorted(uneven_shards.glob("*.tar"))[:3]:
+        shutil.copy(p, tmp_path / p.name)
+    write_bad_shard(tmp_path / "00003.tar")  # skip markers must be replayed from the cache too
+    write_truncated_shard(tmp_path / "00004.tar", n=10)
+
+    def loader(cache):
+        tf = ImageTransform(48, 24, crop_step=4, crop_tries=4)
+        return train_loader(str(tmp_path), lambda seed: image_stages(8, tf, seed=seed, partial=False, cache=cache), 0)
+
+    def epochs(data):
+        return [[(b["keys"], b["images"], b["stats"]) for b in data] for _ in range(3)]
+
+    cache = DecodedCache(budget_mb)
+    plain, cached = epochs(loader(None)), epochs(loader(cache))
+    for e, (a, b) in enumerate(zip(plain, cached)):
+        assert [k for k, _, _ in a] == [k for k, _, _ in b], f"epoch {e}"
+        assert all(torch.equal(x, y) for (_, x, _), (_, y, _) in zip(a, b))
+        assert [st for _, _, st in a] == [st for _, _, st in b]
+    assert sum(sum(st["skipped"].values()) for _, _, st in cached[2]) >= 9
+    assert cache.used <= cache.max_bytes
+    if budget_mb == 64:
+        assert len(cache.shards) == 5  # every shard, the broken ones with their markers
+        for p in tmp_path.glob("*.tar"):
+            p.write_bytes(b"gone")  # from now on reading the disk would only give skip markers
+        assert [[k for k, _, _ in e] for e in epochs(loader(cache))] == [[k for k, _, _ in e] for e in plain]
+    else:
+        assert len(cache.shards) < 5  # the budget holds one or two shards of 30 decoded 48 px images
