@@ -387,6 +387,21 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if peaks["bf16"] > 1.1 * peaks["fp32"] else "32-true"
 
 
+def inference_dtype(precision: str = "auto", accelerator: str = "cpu"):
+    """The dtype a trained decoder's weights take for evaluation and sampling: 'auto' -> bf16 where training's
+    `precision: auto` would pick bf16 autocast (bf16 matmuls measure faster here), else fp32; or 'fp32' / 'bf16'.
+    The demo's evaluation in bf16: VQA 1.9x, teacher-forced 1.5x faster than fp32, the same answers and CE to four
+    digits (README, screen 30)."""
+    import torch
+
+    dtypes = {"fp32": torch.float32, "32-true": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16}
+    if precision == "auto":
+        precision = resolve_precision("auto", accelerator)
+    if precision not in dtypes:
+        raise UserError(f"precision must be auto, fp32 or bf16 for evaluation and sampling, got {precision!r}")
+    return dtypes[precision]
+
+
 # ---------------------------------------------------------------- trainer
 
 def world_size(trainer_cfg) -> int:

@@ -9,6 +9,7 @@ in the run folder, so a change to the recipe shows *what* moved and when.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -75,8 +76,11 @@ class LearningCurves(Callback):
         t = time.time()
         was_training = pl_module.training
         pl_module.eval()
+        decoder = pl_module.decoder
+        if str(trainer.precision).startswith("bf16"):  # trained under bf16 autocast: measured on a bf16 copy, as
+            decoder = copy.deepcopy(decoder).to(torch.bfloat16)  # fusion.evaluate does (data.runtime.inference_dtype)
         with torch.no_grad():
-            point = self.measure(pl_module.decoder)
+            point = self.measure(decoder)
         if was_training:
             pl_module.train()
         self.eval_s += time.time() - t

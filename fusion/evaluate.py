@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.grid import save_grid, save_labelled, to_pil
-from data.runtime import UserError, cli, run_dir_of, save_resolved_config, write_json, write_jsonl
+from data.runtime import UserError, cli, inference_dtype, run_dir_of, save_resolved_config, write_json, write_jsonl
 from data.shapes import (COLOURS, COLS, ROWS, SHAPES, Scene, WorldConfig, caption, description_entropy, final_answer,
                          grid_description, position_name, world_of)
 from fusion.checkpoint import Bundle, load_bundle
@@ -417,7 +417,8 @@ def open_world_report(bundle: Bundle, cfg: DictConfig, codes: Path, out_dir: Pat
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
-    bundle = load_bundle(cfg.model_dir)
+    dtype = inference_dtype(cfg.get("precision", "auto"))
+    bundle = load_bundle(cfg.model_dir, dtype=dtype)
     torch.manual_seed(cfg.seed)
     codes = Path(cfg.codes)
     world = world_of(cfg.data)
@@ -425,7 +426,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
         report = open_world_report(bundle, cfg, codes, out_dir)
         write_json(out_dir / "evaluation.json", report)
         return report
-    report: dict = {"model": str(cfg.model_dir), "arm": bundle.arm}
+    report: dict = {"model": str(cfg.model_dir), "arm": bundle.arm, "precision": str(dtype).removeprefix("torch.")}
     for split in cfg.vqa_splits:
         samples = eval_samples(bundle, str(codes / split), cfg.data.get(split), cfg.vqa_images)
         report[f"vqa_{split}"] = vqa_accuracy(bundle, samples, cfg.max_questions)
@@ -507,7 +508,8 @@ def summary_table(report: dict) -> str:
         if gen.get("attributes"):
             lines.append("judge attributes      " + "  ".join(f"{k} {v:.0%}" for k, v in gen["attributes"].items())
                          + "  (each asked attribute right on its own)")
-        lines.append(f"sampling              {gen['image_tokens_per_s']:.0f} image tokens/s (batch 16, KV cache)")
+        lines.append(f"sampling              {gen['image_tokens_per_s']:.0f} image tokens/s (batch 16, KV cache, "
+                     f"{report.get('precision', 'float32')} weights)")
     ret = report.get("retrieval")
     if ret:
         chance = next(iter(ret.values()))["chance"]

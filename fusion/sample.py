@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from data.grid import save_grid, to_pil
-from data.runtime import UserError, cli, run_dir_of, save_resolved_config, write_json
+from data.runtime import UserError, cli, inference_dtype, run_dir_of, save_resolved_config, write_json
 from fusion.checkpoint import Bundle, load_bundle
 from fusion.generate import Generator, SamplingConfig
 
@@ -72,7 +72,7 @@ def interleaved(bundle: Bundle, parts: list[str], sc: SamplingConfig, seed: int)
 def main(cfg: DictConfig):
     out_dir = run_dir_of(cfg)
     save_resolved_config(cfg, out_dir)
-    bundle = load_bundle(cfg.model_dir)
+    bundle = load_bundle(cfg.model_dir, dtype=inference_dtype(cfg.get("precision", "auto")))
     sc = sampling_config(cfg, bundle)
     if cfg.interleave:
         pieces = interleaved(bundle, list(cfg.interleave), sc, cfg.seed)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.runtime import (UserError, _atomic_checkpoint_io, load_checkpoint_safely, make_strategy, resolve_precision,
+from data.runtime import (UserError, _atomic_checkpoint_io, inference_dtype, load_checkpoint_safely, make_strategy, resolve_precision,
                           resume_checkpoint, warmup_cosine)
 
 
@@ -83,6 +83,13 @@ def test_fsdp_on_cpu_says_it_needs_a_gpu():
 def test_precision_auto_picks_a_real_setting():
     assert resolve_precision("auto", "cpu") in ("32-true", "bf16-mixed")
     assert resolve_precision("16-mixed", "cpu") == "16-mixed"
+
+
+def test_inference_dtype_follows_the_measured_choice_and_refuses_the_rest():
+    assert inference_dtype("fp32") == torch.float32 and inference_dtype("bf16") == torch.bfloat16
+    assert inference_dtype("auto") == (torch.bfloat16 if resolve_precision("auto", "cpu") == "bf16-mixed" else torch.float32)
+    with pytest.raises(UserError, match="auto, fp32 or bf16"):
+        inference_dtype("fp16")
 
 
 def test_schedule_warms_up_then_decays():

@@ -107,8 +107,10 @@ def test_sample_command_writes_images_and_interleaved_output(trained, tmp_path):
 @pytest.mark.slow
 def test_evaluate_reports_every_measure(trained, tiny_codes, shapes_root, tmp_path):
     proc = run_module("fusion.evaluate", f"model_dir={trained / 'model'}", f"codes={tiny_codes}", f"data.root={shapes_root}",
-                      f"run_dir={tmp_path}", "vqa_images=6", "generation.per_type=2", "seq_len=256", "binding_probe.images=6")
+                      f"run_dir={tmp_path}", "vqa_images=6", "generation.per_type=2", "seq_len=256", "binding_probe.images=6",
+                      "precision=bf16")  # what auto picks where bf16 is the faster (data.runtime.inference_dtype)
     report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["precision"] == "bfloat16"
     assert set(report["vqa_test"]["per_type"]) == {"colour", "shape", "count", "position", "text"}
     assert report["binding_probe"]["codes"] > 0 and "binding probe" in proc.stdout
     assert 0 <= report["generation"]["pass_rate"] <= 1 and len(report["generation"]["per_type"]) == 5
@@ -148,6 +150,29 @@ def test_saved_model_reloads_identically_and_refuses_damage(trained, tmp_path, m
     (tmp_path / "model2" / "decoder.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="not the one the checkpoint was trained with"):
         load_bundle(tmp_path / "model2")
+
+
+@pytest.mark.slow
+def test_a_bf16_reload_computes_what_the_fp32_model_does(trained):
+    """Evaluation and sampling run the decoder in bf16 where that is faster (data.runtime.inference_dtype): the
+    same logits to bf16's rounding, the same confident choices, and the lean KV cache runs in it."""
+    a, b = load_bundle(trained / "model"), load_bundle(trained / "model", dtype=torch.bfloat16)
+    assert {p.dtype for p in b.decoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in b.tokenizer.parameters()} == {torch.float32}  # pixels stay full precision
+    v = a.vocab
+    prompt = [v.bos, *v.encode_text("A picture of a red circle."), v.boi]
+    sc = SamplingConfig(temperature=0, max_new_tokens=v.layout.span_len)
+    written = Generator(a.decoder, v).generate([prompt], sc)[0]
+    seq = torch.tensor([prompt + written])
+    with torch.no_grad():
+        la = a.decoder(input_ids=seq).logits.float().log_softmax(-1)
+        lb = b.decoder(input_ids=seq).logits.float().log_softmax(-1)
+    assert (la - lb).abs().max() < 0.05, (la - lb).abs().max()  # 0.005 nats here (2026-12-06)
+    top2 = la.topk(2, -1).values
+    sure = (top2[..., 0] - top2[..., 1]) > 0.05  # where fp32 is not near a tie, bf16 picks the same token
+    assert sure.sum() > 50 and torch.equal(la.argmax(-1)[sure], lb.argmax(-1)[sure])
+    in_bf16 = Generator(b.decoder, b.vocab).generate([prompt], sc)[0]
+    assert len(in_bf16) == len(written) and in_bf16[-1] == written[-1] == v.eoi  # a whole image
 
 
 def test_train_without_code_shards_fails_in_one_line(tmp_path):
