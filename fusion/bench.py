@@ -6,12 +6,15 @@
             each speed-up; where the time goes (forward, backward, optimizer); medians over timed steps
   sample    image tokens/s at batch 1 and 16 with the KV cache, and at batch 1 without it (the speed-up)
   loader    packed-sequence batches/s from code shards (when --codes is given)
+  attention forward + backward of a packed batch with and without attention (transformers' SDPA swapped for one
+            that returns the values): attention's share of the step (README screen 30: half, on the demo's batches)
 Targets (issue 3): MFU >= 35 %, KV-cache speed-up >= 5x for one image. Writes bench/fusion.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -75,6 +78,57 @@ def train_speed(model: str, vocab_size: int, seq_len: int, batch: int, precision
             "non_embedding_params": cfg.non_embedding_params()}
 
 
+@contextlib.contextmanager
+def attention_replaced_by_values():
+    """Inside: transformers' SDPA attention returns each query's own values (no scores, no softmax, no mask), so a
+    step timed inside costs what it would without attention. The real function is back on exit."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    real = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def values(module, query, key, value, attention_mask, **kwargs):
+        rep = query.shape[1] // value.shape[1]  # grouped-query attention: each kv head serves `rep` query heads
+        return (value.repeat_interleave(rep, 1) if rep > 1 else value).transpose(1, 2).contiguous(), None
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = values
+    try:
+        yield
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = real
+
+
+def attention_share(model: str, vocab_size: int, seq_len: int, batch: int, precision: str, rounds: int = 4,
+                    doc_len: int = 160) -> dict:
+    """Forward + backward (eager) of a batch of packed documents of `doc_len` tokens (the demo's t2i documents are
+    ~160) with and without attention, interleaved rounds, medians: what attention costs of the step."""
+    torch.manual_seed(0)
+    cfg = preset(model, seq_len)
+    dec = Decoder(cfg, vocab_size).train()
+    ids = torch.randint(0, vocab_size, (batch, seq_len))
+    pos = (torch.arange(seq_len) % doc_len).expand(batch, -1)  # position ids restart: packed documents
+    labels, modality = ids.roll(-1, 1), (ids > vocab_size // 2).long()
+
+    def step() -> float:
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logits = dec(input_ids=ids, position_ids=pos).logits
+        lm_losses(logits, labels, modality, cfg.z_loss)["loss"].backward()
+        dec.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    times = {"with": [], "without": []}
+    for r in range(rounds + 1):  # round 0 warms caches
+        for k in times:
+            with attention_replaced_by_values() if k == "without" else contextlib.nullcontext():
+                dt = step()
+            if r:
+                times[k].append(dt)
+    with_ms, without_ms = (statistics.median(times[k]) * 1e3 for k in ("with", "without"))
+    return {"precision": precision, "batch": batch, "seq_len": seq_len, "doc_len": doc_len,
+            "forward_backward_ms": round(with_ms, 1), "without_attention_ms": round(without_ms, 1),
+            "attention_share": round(1 - without_ms / with_ms, 3)}
+
+
 def sample_speed(model: str, vocab: MultimodalVocab, repeats: int = 5) -> dict:
     torch.manual_seed(0)
     dec = Decoder(preset(model, 512), vocab.size).eval()
@@ -122,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codes", type=Path, default=None)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("bench"))
-    ap.add_argument("--parts", default="train,sample,loader", help="any of train, sample, loader")
+    ap.add_argument("--parts", default="train,sample,loader,attention", help="any of train, sample, loader, attention")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     vocab = bench_vocab()
@@ -144,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         report["sample"] = sample_speed(args.model, vocab)
     if args.codes and "loader" in parts:
         report["loader"] = loader_speed(args.codes, vocab)
+    if "attention" in parts:  # the demo's batch: 4 rows of 512 tokens, in the precision training would pick here
+        from data.runtime import resolve_precision
+
+        report["attention"] = attention_share(args.model, vocab.size, 512, 4, resolve_precision("auto", "cpu"))
     write_json(args.out / name, report)
     for t in report.get("train", []) if "train" in parts else []:
         print(f"train {t['precision']:10} batch {t['batch']} {t['optimizer']:5} {'compiled' if t['compiled'] else 'eager':8} "
@@ -157,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
               f"batch 16 {s['batch16_cache']['image_tokens_per_s']}")
     if "loader" in report and "loader" in parts:
         print(f"loader: {report['loader']}")
+    a = report.get("attention")
+    if a and "attention" in parts:
+        print(f"attention: {a['attention_share']:.0%} of forward + backward ({a['forward_backward_ms']} ms with it, "
+              f"{a['without_attention_ms']} without; batch {a['batch']} x {a['seq_len']}, documents of {a['doc_len']}, "
+              f"{a['precision']}, eager)")
     print(f"peaks: {report['peak_gflops']} GFLOP/s -> {args.out / name}")
     return 0
 
