@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data.runtime import cpu_matmul_peaks, write_json
+from data.runtime import cpu_matmul_peaks, resolve_precision, write_json
 from fusion.decoder import Decoder, lm_losses
 from fusion.generate import Generator, SamplingConfig
 from fusion.presets import preset
@@ -199,8 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.codes and "loader" in parts:
         report["loader"] = loader_speed(args.codes, vocab)
     if "attention" in parts:  # the demo's batch: 4 rows of 512 tokens, in the precision training would pick here
-        from data.runtime import resolve_precision
-
         report["attention"] = attention_share(args.model, vocab.size, 512, 4, resolve_precision("auto", "cpu"))
     write_json(args.out / name, report)
     for t in report.get("train", []) if "train" in parts else []:
