@@ -30,6 +30,7 @@ def build_module(cfg: DictConfig, grid_dir: str | None) -> TokenizerModule:
         model=OmegaConf.to_container(cfg.tokenizer, resolve=True),
         optim={"lr": t.lr, "betas": list(t.betas), "weight_decay": t.weight_decay,
                "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio,
+               "schedule": t.get("schedule", "cosine"), "decay_frac": t.get("decay_frac", 0.2),
                "time_budget_s": 60 * t.time_budget_min if t.get("time_budget_min") else None},
         loss={"l1": t.l1, "l2": t.l2, "edge_weight": t.get("edge_weight", 0.0)}, channels_last=t.channels_last, grid_dir=grid_dir)
 

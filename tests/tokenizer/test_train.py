@@ -99,3 +99,30 @@ def test_unreadable_input_is_one_line(tmp_path):
     proc = run_module("tokenizer.train", f"data.root={tmp_path}/none", f"run_dir={tmp_path}/run", *TINY, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no shard matches")
     assert proc.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_the_learning_rate_schedule_is_a_config_switch(schedule):
+    """train.schedule reaches the tokenizer's optimizer: wsd holds the rate flat until the last decay_frac of the
+    steps, cosine is half-way down at half-way (README screen 31: wsd passes the ceiling 500 steps sooner)."""
+    from hydra import compose, initialize_config_dir
+
+    from data.runtime import adamw_with_schedule
+    from tokenizer.train import build_module
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="train_tokenizer", overrides=[*TINY, f"train.schedule={schedule}", "train.warmup_steps=0"])
+    module = build_module(cfg, grid_dir=None)
+    assert module.hparams.optim["schedule"] == schedule
+    _, config = adamw_with_schedule(module.named_parameters(), module.hparams.optim, 100)
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"] / cfg.train.lr)
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1.0) and lrs[99] < 0.1
+    if schedule == "wsd":
+        assert lrs[79] == pytest.approx(1.0) and lrs[90] < 0.6
+    else:
+        assert lrs[50] == pytest.approx(0.5, abs=0.05) and lrs[79] < 0.25
