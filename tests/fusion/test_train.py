@@ -82,7 +82,7 @@ def test_data_seed_sets_the_stream_and_seed_the_weights(tiny_codes, shapes_root,
 
 @pytest.mark.slow
 def test_a_time_budget_ends_training_when_spent(tiny_codes, shapes_root, tmp_path):
-    """train.time_budget_min: the cosine runs over wall time and training stops when it is spent, far short of
+    """train.time_budget_min: the schedule runs over wall time and training stops when it is spent, far short of
     max_steps (a regression once left the clock unstarted, so the budget was silently ignored)."""
     run = tmp_path / "run"
     run_module("fusion.train", f"codes={tiny_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
@@ -183,12 +183,12 @@ def test_train_without_code_shards_fails_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_every_recipe_switch_trains_and_curves_are_drawn(tiny_fsq_codes, shapes_root, tmp_path):
-    """Code features (FSQ levels and pixels, into embeddings and head), Muon, warmup-stable-decay, per-modality
+    """Code features (FSQ levels and pixels, into embeddings and head), Muon, the cosine schedule (not the default), per-modality
     loss balance, no row separators and a compiled training forward, all in one short run on FSQ codes; learning
     curves at each validation; the saved model (plain parameter names) reloads."""
     run = tmp_path / "run"
     run_module("fusion.train", f"codes={tiny_fsq_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
-               "decoder.code_features=[levels,pixels]", "decoder.code_head=true", "train.optimizer=muon", "train.schedule=wsd", "loss.balance=modality",
+               "decoder.code_features=[levels,pixels]", "decoder.code_head=true", "train.optimizer=muon", "train.schedule=cosine", "loss.balance=modality",
                "loss.text_weight=2.0", "layout.row_separator=false", "caption_template=0", "curriculum.documents=4", "read_image_loss=true",
                "question_first=true", "extra_qa=[where_by_colour,count_present,count_any,relation_more]", "decoder.image_pos_every_layer=true", "decoder.image_pos_values=true",
                "decoder.image_pos_values_std=0.1", "decoder.qk_gain=2.0", "decoder.mimetic_qk=[0.7,0.7]", "decoder.mimetic_vo=[0.4,0.4]", "restate_referent=true", "worked_answers=true", "task_phases=[{at:0.5,tasks:{vqa:0.8,t2i:0.2}}]", "train.embed_lr_scale=10", "train.head_lr_scale=2", "train.compile=true",
