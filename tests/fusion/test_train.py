@@ -184,8 +184,8 @@ def test_train_without_code_shards_fails_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_every_recipe_switch_trains_and_curves_are_drawn(tiny_fsq_codes, shapes_root, tmp_path):
     """Code features (FSQ levels and pixels, into embeddings and head), Muon, the cosine schedule (the default is
-    wsd), per-modality loss balance, no row separators and a compiled training forward, all in one short run on FSQ codes; learning
-    curves at each validation; the saved model (plain parameter names) reloads."""
+    wsd), per-modality loss balance, no row separators and a compiled training forward, all in one short run on FSQ
+    codes; learning curves at each validation; the saved model (plain parameter names) reloads."""
     run = tmp_path / "run"
     run_module("fusion.train", f"codes={tiny_fsq_codes}", f"data.root={shapes_root}", f"run_dir={run}", *TINY,
                "decoder.code_features=[levels,pixels]", "decoder.code_head=true", "train.optimizer=muon", "train.schedule=cosine", "loss.balance=modality",
