@@ -355,14 +355,14 @@ def originals(pattern: str | None, keys: list[str]) -> dict:
     return found
 
 
-def open_world_report(bundle: Bundle, cfg: DictConfig, codes: Path, out_dir: Path) -> dict:
+def open_world_report(bundle: Bundle, cfg: DictConfig, codes: Path, out_dir: Path, precision: str) -> dict:
     """Data without a world model (a folder of captioned images, the emoji corpus): caption cross-entropy and
     token accuracy on held-out images, greedy captions beside their images (PNG), images drawn for held-out and
     training captions (PNG), and, with `retrieval.tower_run`, top-1 retrieval of each image's own caption among
     16 by the in-project contrastive model, for the real images, their reconstructions and the generated ones."""
     if bundle.arm != "fusion":
         raise UserError("open-world evaluation (no shapes world) is for the early-fusion arm")
-    report: dict = {"model": str(cfg.model_dir), "arm": bundle.arm, "world": None}
+    report: dict = {"model": str(cfg.model_dir), "arm": bundle.arm, "precision": precision, "world": None}
     test = eval_samples(bundle, str(codes / "test"), None, cfg.vqa_images)
     train = eval_samples(bundle, str(codes / "train"), None, cfg.open_world.train_images)
     report["caption_test"] = teacher_forced(
@@ -422,11 +422,12 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     codes = Path(cfg.codes)
     world = world_of(cfg.data)
+    precision = str(dtype).removeprefix("torch.")
     if world is None:
-        report = open_world_report(bundle, cfg, codes, out_dir)
+        report = open_world_report(bundle, cfg, codes, out_dir, precision)
         write_json(out_dir / "evaluation.json", report)
         return report
-    report: dict = {"model": str(cfg.model_dir), "arm": bundle.arm, "precision": str(dtype).removeprefix("torch.")}
+    report: dict = {"model": str(cfg.model_dir), "arm": bundle.arm, "precision": precision}
     for split in cfg.vqa_splits:
         samples = eval_samples(bundle, str(codes / split), cfg.data.get(split), cfg.vqa_images)
         report[f"vqa_{split}"] = vqa_accuracy(bundle, samples, cfg.max_questions)

@@ -9,8 +9,10 @@ from fusion.bench import attention_replaced_by_values, attention_share, train_sp
 
 @pytest.mark.parametrize("optimizer,compile", [("muon", False), ("adamw", False)])  # compiling: test_decoder.py
 def test_train_speed_times_forward_backward_and_optimizer(optimizer, compile):
-    peaks = {"fp32": 100.0, "bf16": 100.0}
+    peaks = {"fp32": 100.0, "bf16": 400.0}
     r = train_speed("test", 300, 64, 2, "32-true", 1, peaks, optimizer=optimizer, compile=compile)
+    assert r["peak_gflops"] == 100.0  # the row keeps the peak of its own precision, which its MFU divides by
+    assert r["mfu"] == pytest.approx(r["gflops_per_s"] / 100.0, abs=2e-3)
     assert r["optimizer"] == optimizer and r["compiled"] == compile
     assert all(r["ms"][k] > 0 for k in ("forward", "backward", "optimizer")) and r["tokens_per_s"] > 0
     assert r["step_s_median"] == pytest.approx(sum(r["ms"].values()) / 1e3, abs=2e-3)

@@ -88,6 +88,7 @@ def test_emoji_experiment_runs_end_to_end_on_a_handful_of_glyphs(emoji_root, tmp
     assert "emoji summary" in proc.stdout and "retrieval top-1" in proc.stdout, proc.stdout[-3000:]
     report = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert report["world"] is None and report["caption_test"]["tokens"] > 0
+    assert report["precision"] in ("float32", "bfloat16")
     assert 0 <= report["caption_test"]["token_accuracy"] <= 1
     assert len(report["greedy_captions"]) == 3 and all("model" in c for c in report["greedy_captions"])
     ret = report["retrieval"]
@@ -114,6 +115,7 @@ def test_folder_preset_trains_a_few_steps_on_your_own_shards(name, resolution, s
     assert (meta["grid"], meta["num_codes"], meta["resolution"]) == (16, 15360, resolution)
     report = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert report["caption_test"]["tokens"] > 0 and "retrieval" not in report
+    assert report["precision"] in ("float32", "bfloat16")
 
 
 @pytest.mark.slow
