@@ -269,8 +269,9 @@ def caption_gain(bundle: Bundle, samples: list[dict], seq_len: int, world: World
     `gain_vs_empty` estimates the mutual information between image and caption (training empties some
     prompts, so the empty caption is the model's unconditional image distribution): the mutual information
     cannot exceed the entropy of what the caption says, though the estimate can, a little, where the
-    unconditional stream (trained on a tenth of the prompts) models images less well than its conditional ones. `gain` also charges the model for being confidently wrong under a wrong
-    prompt, so it grows past that (a measure of how strongly the prompt steers, not of information).
+    unconditional stream (trained on a tenth of the prompts) models images less well than its conditional
+    ones. `gain` also charges the model for being confidently wrong under a wrong prompt, so it grows past
+    that (a measure of how strongly the prompt steers, not of information).
 
     On the shapes world the captions are rewritten in the template that names everything (size, colour,
     shape and cell of every object, the background, the word), and `gain_vs_empty` is set beside the entropy
